@@ -1,0 +1,40 @@
+"""rollnet: robust, locally linear deep networks in PyTorch.
+
+Certify the linear region around each input of a piecewise-linear network
+(how far one can move before any gradient can change), and train networks
+whose regions are large with the ROLL regulariser.
+
+>>> import torch, rollnet
+>>> net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+>>> rollnet.margin(net, torch.randn(8, 4), p=2).shape
+torch.Size([8])
+"""
+
+from rollnet.certify import (
+    LinearRegions,
+    activation_pattern,
+    certified_saliency,
+    count_regions,
+    directional_margin,
+    margin,
+    neuron_gradients,
+    stability_bounds,
+)
+from rollnet.errors import UnsupportedOperationError
+from rollnet.patterns import ActivationPattern, ActivationPatterns
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationPattern",
+    "ActivationPatterns",
+    "LinearRegions",
+    "UnsupportedOperationError",
+    "activation_pattern",
+    "certified_saliency",
+    "count_regions",
+    "directional_margin",
+    "margin",
+    "neuron_gradients",
+    "stability_bounds",
+]

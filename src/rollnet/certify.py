@@ -1,0 +1,537 @@
+"""Certificates of the linear region around each input.
+
+Radii are in the units of the model's own input: if the model normalises its
+input inside ``forward``, radii are in raw (for example pixel) units; if the
+data were normalised beforehand, they are in normalised units.
+
+All functions run the model in eval mode and restore every submodule's
+train/eval flag afterwards.  They are exact in float64; in float32 they
+inherit the rounding of float32 pre-activations (a neuron within rounding
+error of zero can make the true radius differ by a few float32 ulps of
+``|z|``).  For a guarantee, run the model and the input in float64.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from rollnet.engine.gradients import Collected, Request, collect, given_directions, unit_directions
+from rollnet.engine.modes import eval_mode
+from rollnet.patterns import ActivationPatterns
+
+__all__ = [
+    "LinearRegions",
+    "activation_pattern",
+    "certified_saliency",
+    "count_regions",
+    "directional_margin",
+    "margin",
+    "neuron_gradients",
+    "stability_bounds",
+]
+
+Norm = Union[int, float, str]
+Target = Union[int, Sequence[int], Tensor, None]
+
+_DUAL = {1.0: math.inf, 2.0: 2.0, math.inf: 1.0}
+
+
+def parse_norm(p: Norm) -> float:
+    """Map ``1``, ``2``, ``float("inf")`` or ``"inf"`` to a float; refuse anything else."""
+    if isinstance(p, str):
+        if p.strip().lower() in ("inf", "infinity", "linf"):
+            return math.inf
+        try:
+            p = float(p)
+        except ValueError:
+            raise ValueError(f"p must be 1, 2 or inf, got {p!r}") from None
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise ValueError(f"p must be 1, 2 or inf, got {p!r}")
+    value = float(p)
+    if value not in _DUAL:
+        raise ValueError(f"p must be 1, 2 or inf, got {p!r}")
+    return value
+
+
+def check_input(x: Any, name: str = "x") -> Tensor:
+    """Refuse non-tensors, non-float, unbatched, NaN or Inf inputs."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [B, *input_shape], got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(
+            f"{name} must be batched, of shape [B, *input_shape]; got shape {tuple(x.shape)} "
+            "(use x.unsqueeze(0) for a single example)"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {x.dtype}")
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(f"{name} contains NaN or Inf (examples {bad[:10]})")
+    return x
+
+
+def _margin_from(values: Tensor, norms: Tensor) -> Tensor:
+    """``min_j |z_j| / norm_j`` per example; neurons with a zero gradient impose nothing."""
+    if values.shape[1] == 0:
+        return values.new_full((values.shape[0],), math.inf)
+    inf = torch.tensor(math.inf, dtype=values.dtype, device=values.device)
+    ratio = torch.where(norms > 0, values.abs() / norms, inf)
+    return ratio.amin(dim=1)
+
+
+def _resolve_target(target: Target, output: Tensor) -> Tensor:
+    """Captum's ``target`` rules: an index per example, ``[B]`` int64."""
+    b = output.shape[0]
+    if target is None:
+        if output.dim() == 1 or (output.dim() == 2 and output.shape[1] == 1):
+            return torch.zeros(b, dtype=torch.int64, device=output.device)
+        raise ValueError(f"target is required for an output of shape {tuple(output.shape)}")
+    if output.dim() != 2:
+        raise ValueError(f"target needs an output of shape [B, L], got {tuple(output.shape)}")
+    if isinstance(target, Tensor):
+        idx = target.to(device=output.device, dtype=torch.int64).flatten()
+        if idx.numel() == 1:
+            idx = idx.expand(b)
+    elif isinstance(target, int):
+        idx = torch.full((b,), target, dtype=torch.int64, device=output.device)
+    else:
+        idx = torch.as_tensor(list(target), dtype=torch.int64, device=output.device)
+    if idx.shape != (b,):
+        raise ValueError(f"target must be an int or have one entry per example ({b}), got {idx.numel()}")
+    n = output.shape[1]
+    if bool(((idx < 0) | (idx >= n)).any()):
+        raise ValueError(f"target indices must lie in [0, {n}), got {idx.tolist()[:10]}")
+    return idx
+
+
+class LinearRegions:
+    """The linear regions around a batch of inputs: compute once, ask many things.
+
+    Runs the model once to record every neuron (the inputs of ReLU,
+    LeakyReLU and max units) and, on the first question that needs
+    gradients, pushes all D input axes through the linearized network in one
+    batched pass, keeping every certificate that pass can give: the dual
+    norms for p = 1, 2, inf, the per-coordinate stability bounds and the
+    output Jacobian.  Later questions are answered from that.
+
+    Args:
+        model: a network of affine layers and piecewise-linear activations.
+            It is run in eval mode; its train/eval flags are restored.
+        x: ``[B, *input_shape]`` float inputs, no NaN or Inf.
+        memory_budget: bytes of tangents held at once (default 1 GiB).
+        keep_gradients: also keep every neuron's full gradient
+            (``[B, N, *input_shape]``, can be large); needed by
+            :meth:`neuron_gradients`, which sets it on first use.
+
+    Example:
+        >>> import torch, rollnet
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> regions = rollnet.LinearRegions(net, torch.randn(5, 2))
+        >>> regions.margin(p=2).shape
+        torch.Size([5])
+        >>> lower, upper = regions.stability_bounds()
+        >>> bool((lower <= 0).all() and (upper >= 0).all())
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        *,
+        memory_budget: int | None = None,
+        keep_gradients: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.x = check_input(x)
+        self.memory_budget = memory_budget
+        self._keep_gradients = keep_gradients
+        self._full: Collected | None = None
+        with torch.no_grad(), eval_mode(model):
+            self._base = collect(model, self.x, None, Request(), memory_budget=memory_budget)
+
+    # -- cheap: one forward pass ------------------------------------------------
+    @property
+    def values(self) -> Tensor:
+        """``[B, N]`` neuron values (pre-activations; max-unit differences)."""
+        return self._base.values
+
+    @property
+    def output(self) -> Tensor:
+        """``[B, ...]`` the model's output at x."""
+        return self._base.output
+
+    @property
+    def num_neurons(self) -> int:
+        return int(self._base.values.shape[1])
+
+    def neuron_info(self) -> list[tuple[str, str, int]]:
+        """``(module_path, op, size)`` for each neuron group, in the order of :attr:`values`."""
+        return [(g.module_path, g.op, g.size) for g in self._base.groups]
+
+    def activation_pattern(self) -> ActivationPatterns:
+        """Per-example activation patterns (see :func:`activation_pattern`)."""
+        return ActivationPatterns(self._base.patterns, self.x.shape[0])
+
+    # -- one batched pass over all D input axes --------------------------------
+    def _all_axes(self) -> Collected:
+        if self._full is None or (self._keep_gradients and self._full.rows is None):
+            request = Request(
+                norms=(1.0, 2.0, math.inf), crossings=True, output=True, rows=self._keep_gradients
+            )
+            with torch.no_grad(), eval_mode(self.model):
+                self._full = collect(
+                    self.model, self.x, unit_directions(self.x.shape[1:]), request,
+                    memory_budget=self.memory_budget,
+                )
+        return self._full
+
+    def margin(self, p: Norm = 2) -> Tensor:
+        """``[B]`` radius of the largest lp ball around each x inside its linear region.
+
+        eps_p(x) = min_j |z_j| / ||g_j||_q with 1/p + 1/q = 1 (exact, closed form).
+        ``inf`` when no neuron can flip (no neurons, or all gradients zero).
+        """
+        q = _DUAL[parse_norm(p)]
+        full = self._all_axes()
+        return _margin_from(full.values, full.norms[q])
+
+    def directional_margin(self, direction: Tensor) -> Tensor:
+        """``[B]`` largest t >= 0 with x + t * direction in x's region (see :func:`directional_margin`)."""
+        return _directional(self.model, self.x, direction, self.memory_budget)
+
+    def stability_bounds(self) -> tuple[Tensor, Tensor]:
+        """``(lower, upper)``, each shaped like x: the open interval of displacements
+        ``lower < delta_k < upper`` of coordinate k alone that keep the pattern
+        (``lower <= 0 <= upper``)."""
+        full = self._all_axes()
+        assert full.cross_plus is not None and full.cross_minus is not None
+        return -full.cross_minus.reshape(self.x.shape), full.cross_plus.reshape(self.x.shape)
+
+    def jacobian(self) -> Tensor:
+        """``[B, *output_shape, *input_shape]`` Jacobian of the output, constant in the region."""
+        full = self._all_axes()
+        assert full.output_rows is not None
+        rows = full.output_rows
+        return rows.reshape(*rows.shape[:-1], *self.x.shape[1:])
+
+    def saliency(self, target: Target = None) -> Tensor:
+        """Gradient of the target logit, shaped like x (Captum's ``target`` rules)."""
+        full = self._all_axes()
+        assert full.output_rows is not None
+        idx = _resolve_target(target, full.output)
+        rows = full.output_rows
+        if rows.dim() == 2:  # scalar output per example
+            picked = rows
+        else:
+            picked = rows[torch.arange(rows.shape[0], device=rows.device), idx]
+        return picked.reshape(self.x.shape)
+
+    def neuron_gradients(self) -> tuple[Tensor, Tensor]:
+        """``(z [B, N], grads [B, N, *input_shape])``: every neuron's value and input gradient."""
+        self._keep_gradients = True
+        full = self._all_axes()
+        assert full.rows is not None
+        return full.values, full.rows.reshape(*full.rows.shape[:2], *self.x.shape[1:])
+
+
+# ---------------------------------------------------------------------------
+# functions
+
+
+def margin(model: nn.Module, x: Tensor, p: Norm = 2, *, memory_budget: int | None = None) -> Tensor:
+    """Radius of the largest lp ball around each input inside its linear region.
+
+    Exact and closed form: eps_p(x) = min_j |z_j(x)| / ||grad z_j(x)||_q over all
+    neurons j (inputs of ReLU-like and max units), q the dual of p.  Every
+    point strictly inside the ball has x's activation pattern, so the
+    network's gradients are constant there.
+
+    Args:
+        model: the network, run in eval mode (flags restored afterwards).
+        x: ``[B, *input_shape]`` inputs.
+        p: 1, 2, or ``float("inf")`` / ``"inf"``.
+        memory_budget: bytes of tangents held at once (default 1 GiB).
+
+    Returns:
+        ``[B]`` radii in the units of the model's input (``inf`` where no neuron can flip).
+
+    Example:
+        >>> import torch, rollnet
+        >>> net = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.ReLU())
+        >>> with torch.no_grad():
+        ...     _ = net[0].weight.fill_(2.0), net[0].bias.fill_(-1.0)
+        >>> rollnet.margin(net, torch.tensor([[2.0]]), p=2)  # z = 3, |dz/dx| = 2
+        tensor([1.5000])
+    """
+    q = _DUAL[parse_norm(p)]
+    x = check_input(x)
+    if x.shape[0] == 0:
+        return x.new_empty(0)
+    with torch.no_grad(), eval_mode(model):
+        got = collect(model, x, unit_directions(x.shape[1:]), Request(norms=(q,)), memory_budget=memory_budget)
+    return _margin_from(got.values, got.norms[q])
+
+
+def _directional(model: nn.Module, x: Tensor, direction: Tensor, memory_budget: int | None) -> Tensor:
+    x = check_input(x)
+    if not isinstance(direction, Tensor):
+        raise TypeError("direction must be a tensor shaped like x or like one example")
+    direction = direction.to(dtype=x.dtype, device=x.device)
+    if direction.shape == x.shape:
+        per_example = direction.flatten(1)
+    elif direction.shape == x.shape[1:]:
+        per_example = direction.reshape(1, -1)
+    else:
+        raise ValueError(
+            f"direction must have shape {tuple(x.shape)} (one per example) or {tuple(x.shape[1:])} "
+            f"(shared), got {tuple(direction.shape)}"
+        )
+    if not bool(torch.isfinite(direction).all()):
+        raise ValueError("direction contains NaN or Inf")
+    zero = (per_example == 0).all(dim=1)
+    if bool(zero.any()):
+        which = zero.nonzero().flatten().tolist()
+        raise ValueError(f"direction is zero (for examples {which[:10]}); a direction must be non-zero")
+    if x.shape[0] == 0:
+        return x.new_empty(0)
+    with torch.no_grad(), eval_mode(model):
+        got = collect(model, x, given_directions(direction.unsqueeze(0), x), Request(crossings=True),
+                      memory_budget=memory_budget)
+    assert got.cross_plus is not None
+    return got.cross_plus[:, 0]
+
+
+def directional_margin(
+    model: nn.Module, x: Tensor, direction: Tensor, *, memory_budget: int | None = None
+) -> Tensor:
+    """Largest t >= 0 such that x + s * direction keeps x's pattern for all 0 <= s < t.
+
+    Closed form: min over neurons moving towards their hyperplane of
+    |z_j| / |g_j . d| (``inf`` if none moves towards it).  In units of the
+    direction's length: for a unit-norm direction, a distance.
+
+    Args:
+        model: the network (eval mode, flags restored).
+        x: ``[B, *input_shape]`` inputs.
+        direction: shaped like x (one per example) or like one example (shared);
+            must be non-zero.
+
+    Returns:
+        ``[B]`` the distance t along the direction.
+
+    Example:
+        >>> import torch, rollnet
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> rollnet.directional_margin(net, torch.randn(3, 2), torch.tensor([1.0, 0.0])).shape
+        torch.Size([3])
+    """
+    return _directional(model, x, direction, memory_budget)
+
+
+def stability_bounds(
+    model: nn.Module, x: Tensor, *, memory_budget: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-coordinate stability intervals: how far each input coordinate alone can move.
+
+    Returns ``(lower, upper)``, each shaped like x, with ``lower <= 0 <= upper``:
+    moving coordinate k alone by delta with ``lower[k] < delta < upper[k]``
+    keeps the activation pattern (so the gradients) exactly.  For sequences,
+    every time step and channel gets its own interval.
+
+    Example:
+        >>> import torch, rollnet
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+        >>> lower, upper = rollnet.stability_bounds(net, torch.randn(2, 3))
+        >>> lower.shape, upper.shape
+        (torch.Size([2, 3]), torch.Size([2, 3]))
+    """
+    x = check_input(x)
+    if x.shape[0] == 0:
+        return x.new_empty(x.shape), x.new_empty(x.shape)
+    with torch.no_grad(), eval_mode(model):
+        got = collect(model, x, unit_directions(x.shape[1:]), Request(crossings=True),
+                      memory_budget=memory_budget)
+    assert got.cross_plus is not None and got.cross_minus is not None
+    return -got.cross_minus.reshape(x.shape), got.cross_plus.reshape(x.shape)
+
+
+def activation_pattern(model: nn.Module, x: Tensor) -> ActivationPatterns:
+    """The activation pattern of each example: hashable, comparable.
+
+    ``activation_pattern(model, x)[i] == activation_pattern(model, y)[j]``
+    iff the two examples put every ReLU-like neuron on the same side (on iff
+    ``z > 0``) and every max unit on the same selected input.
+
+    Example:
+        >>> import torch, rollnet
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> pats = rollnet.activation_pattern(net, torch.zeros(2, 2))
+        >>> pats[0] == pats[1], len({*pats})
+        (True, 1)
+    """
+    x = check_input(x)
+    with torch.no_grad(), eval_mode(model):
+        got = collect(model, x, None, Request())
+    return ActivationPatterns(got.patterns, x.shape[0])
+
+
+def neuron_gradients(
+    model: nn.Module, x: Tensor, *, memory_budget: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """All neuron values and their input gradients, from one batched forward-mode pass.
+
+    Returns:
+        ``(z, grads)``: ``z`` ``[B, N]`` neuron values and ``grads``
+        ``[B, N, *input_shape]`` with ``grads[b, j] = d z_j / d x`` at ``x[b]``.
+        Neurons are ordered by execution, each group flattened per example.
+
+    Example:
+        >>> import torch, rollnet
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> z, g = rollnet.neuron_gradients(net, torch.randn(5, 3))
+        >>> z.shape, g.shape
+        (torch.Size([5, 4]), torch.Size([5, 4, 3]))
+    """
+    x = check_input(x)
+    with torch.no_grad(), eval_mode(model):
+        got = collect(model, x, unit_directions(x.shape[1:]), Request(rows=True), memory_budget=memory_budget)
+    assert got.rows is not None
+    return got.values, got.rows.reshape(*got.rows.shape[:2], *x.shape[1:])
+
+
+def certified_saliency(
+    model: nn.Module, x: Tensor, target: Target = None, p: Norm = 2, *, memory_budget: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """The gradient of the target logit and the lp radius within which it is exactly constant.
+
+    Args:
+        model: the network (eval mode, flags restored).
+        x: ``[B, *input_shape]`` inputs.
+        target: Captum's rules: an int (same logit for all), a list or
+            tensor with one index per example, or ``None`` for a single output.
+        p: norm of the radius: 1, 2 or inf.
+
+    Returns:
+        ``(saliency, radius)``: saliency shaped like x, radius ``[B]``.
+
+    Example:
+        >>> import torch, rollnet
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> s, r = rollnet.certified_saliency(net, torch.randn(5, 3), target=1)
+        >>> s.shape, r.shape
+        (torch.Size([5, 3]), torch.Size([5]))
+    """
+    q = _DUAL[parse_norm(p)]
+    x = check_input(x)
+    with torch.no_grad(), eval_mode(model):
+        got = collect(model, x, unit_directions(x.shape[1:]), Request(norms=(q,), output=True),
+                      memory_budget=memory_budget)
+    assert got.output_rows is not None
+    idx = _resolve_target(target, got.output)
+    rows = got.output_rows
+    picked = rows if rows.dim() == 2 else rows[torch.arange(rows.shape[0], device=rows.device), idx]
+    return picked.reshape(x.shape), _margin_from(got.values, got.norms[q])
+
+
+def _batches(data: Any, batch_size: int) -> Iterable[Tensor]:
+    if isinstance(data, Tensor):
+        for i in range(0, data.shape[0], batch_size):
+            yield data[i : i + batch_size]
+        return
+    for item in data:
+        yield item[0] if isinstance(item, (tuple, list)) else item
+
+
+def count_regions(
+    model: nn.Module, data: Tensor | Iterable[Any], batch_size: int = 256, *,
+    memory_budget: int | None = None,
+) -> tuple[int, int]:
+    """Bounds on the number of complete linear regions that the data points occupy.
+
+    Args:
+        model: the network (eval mode, flags restored).
+        data: a tensor ``[M, *input_shape]`` or an iterable of batches (tensors,
+            or tuples whose first element is the input, as a DataLoader gives).
+        batch_size: examples per forward pass when ``data`` is a tensor.
+
+    Returns:
+        ``(n_patterns, n_jacobians)``: the number of distinct activation
+        patterns (an upper bound on the regions) and the number of distinct
+        output Jacobians (a lower bound).  Jacobians are computed in float64
+        for one representative per pattern and count as distinct only if they
+        differ by more than 1e-9 relative, so the lower bound stays sound
+        under rounding.
+
+    Example:
+        >>> import torch, rollnet
+        >>> net = torch.nn.Sequential(torch.nn.Linear(1, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
+        >>> rollnet.count_regions(net, torch.zeros(4, 1))
+        (1, 1)
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    representatives: dict[bytes, Tensor] = {}
+    with torch.no_grad(), eval_mode(model):
+        for xb in _batches(data, batch_size):
+            xb = check_input(xb, "data")
+            if xb.shape[0] == 0:
+                continue
+            got = collect(model, xb, None, Request())
+            keys = ActivationPatterns(got.patterns, xb.shape[0]).keys()
+            for i, key in enumerate(keys):
+                if key not in representatives:
+                    representatives[key] = xb[i]
+    if not representatives:
+        return 0, 0
+    return len(representatives), _count_distinct_jacobians(model, list(representatives.values()), batch_size, memory_budget)
+
+
+def _count_distinct_jacobians(
+    model: nn.Module, points: list[Tensor], batch_size: int, memory_budget: int | None
+) -> int:
+    try:
+        model64 = copy.deepcopy(model).to(torch.float64)
+        dtype = torch.float64
+        rel = 1e-9
+    except Exception:  # a model that cannot be copied: use its own precision
+        model64 = model
+        dtype = points[0].dtype
+        rel = 1e-9 if dtype == torch.float64 else 1e-4
+    jacobians = []
+    with torch.no_grad(), eval_mode(model64):
+        for i in range(0, len(points), batch_size):
+            xb = torch.stack(points[i : i + batch_size]).to(dtype)
+            got = collect(model64, xb, unit_directions(xb.shape[1:]), Request(output=True),
+                          memory_budget=memory_budget)
+            assert got.output_rows is not None
+            jacobians.append(got.output_rows.flatten(1))
+    flat = torch.cat(jacobians)
+    scale = float(flat.abs().max()) if flat.numel() else 0.0
+    tol = rel * max(scale, 1e-30)
+    # Greedy set of pairwise-distinct Jacobians (each differs from all kept by > tol in some
+    # entry), found through a sorted random projection: a kept Jacobian within tol of a new one
+    # has a projection within tol * ||r||_1 of it.
+    r = torch.randn(flat.shape[1], dtype=flat.dtype, generator=torch.Generator().manual_seed(0))
+    proj = (flat @ r.to(flat.device)).tolist()
+    window = tol * float(r.abs().sum())
+    keys: list[float] = []
+    kept: list[int] = []
+    for i, v in enumerate(proj):
+        lo = bisect.bisect_left(keys, v - window)
+        hi = bisect.bisect_right(keys, v + window)
+        if any(float((flat[i] - flat[kept[j]]).abs().max()) <= tol for j in range(lo, hi)):
+            continue
+        pos = bisect.bisect_left(keys, v)
+        keys.insert(pos, v)
+        kept.insert(pos, i)
+    return len(kept)

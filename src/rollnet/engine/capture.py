@@ -1,0 +1,300 @@
+"""Run a model once and linearize it on the fly.
+
+While the model's own ``forward`` runs, a :class:`torch.overrides.TorchFunctionMode`
+sees every torch call.  Each tensor that depends on the input is *tracked*: it
+carries a tangent of shape ``[K, *tensor.shape]``, the derivative of the
+tensor along K input directions (forward-mode differentiation of the network
+with its activation pattern frozen, batched over directions).  The rule for each
+call comes from :mod:`rollnet.engine.rules`; a call with a tracked argument and
+no rule is refused with the module path that made it, so nothing unknown can
+slip into a certificate.
+
+Every input of a piecewise-linear operation is a *neuron*; the rules report
+them as :class:`NeuronGroup` objects to an observer as they are met.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from rollnet.errors import UnsupportedOperationError
+
+__all__ = ["NeuronGroup", "NeuronObserver", "Trace", "run_traced"]
+
+
+@dataclass
+class NeuronGroup:
+    """The neurons of one piecewise-linear call.
+
+    Attributes:
+        index: position of the call in execution order (0, 1, ...).
+        module_path: dotted path of the module that made the call.
+        op: name of the operation (``"relu"``, ``"leaky_relu"``, ``"max_pool2d"``, ...).
+        values: ``[B, n]`` neuron values z_j(x); a neuron is *on* when ``z_j > 0``
+            for ReLU-like units; for max units it is the (non-negative)
+            difference between the selected input and another input.
+        tangents: ``[K, B, n]`` derivatives of the values along the K input
+            directions, or ``None`` in a pass without directions.  May have
+            stride 0 along the batch dimension.
+        pattern: ``[B, m]`` the group's part of the activation pattern: ``bool``
+            signs for ReLU-like units, ``int64`` selected indices for max units.
+        always_on: ``True`` for max-unit differences, which must stay >= 0 (a
+            zero difference is a tie and flips at once); ``False`` for
+            ReLU-like neurons, which are on iff ``z > 0``.
+    """
+
+    index: int
+    module_path: str
+    op: str
+    values: Tensor
+    tangents: Tensor | None
+    pattern: Tensor
+    always_on: bool = False
+
+    def signs(self) -> Tensor:
+        """``[B, n]`` +1 for neurons that are on, -1 for those that are off."""
+        if self.always_on:
+            return torch.ones_like(self.values)
+        return torch.where(self.values > 0, 1.0, -1.0).to(self.values.dtype)
+
+
+class NeuronObserver(Protocol):
+    """Receives the neurons and the output of one traced forward pass."""
+
+    def neurons(self, group: NeuronGroup) -> None:
+        """Called once per piecewise-linear call, in execution order."""
+
+    def output(self, value: Tensor, tangent: Tensor | None) -> None:
+        """Called once with the model's output ``[B, ...]`` and its tangent ``[K, B, ...]``."""
+
+
+class Trace:
+    """State shared by the rules during one traced forward pass.
+
+    Args:
+        batch_size: B, the number of examples (dim 0 of the input).
+        observer: receives neuron groups and the output.
+        allow_batch_statistics: accept BatchNorm with batch statistics and
+            train-mode Dropout (used by the regulariser during training);
+            when ``False`` they are refused, as a certificate needs a fixed
+            function of each example.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        observer: NeuronObserver,
+        *,
+        allow_batch_statistics: bool = False,
+    ) -> None:
+        self.batch_size = batch_size
+        self.observer = observer
+        self.allow_batch_statistics = allow_batch_statistics
+        self.module_stack: list[str] = []
+        self.num_groups = 0
+        # id(tensor) -> (weak reference to the tensor, tangent or None)
+        self._entries: dict[int, tuple[weakref.ref[Tensor], Tensor | None]] = {}
+        # id(tensor) -> indices of the unit directions its tangent holds
+        self._unit: dict[int, Tensor] = {}
+        # bytes held by live tangents (dense count, so views are over-counted), and the peak
+        self._sizes: dict[int, int] = {}
+        self.live_bytes = 0
+        self.peak_bytes = 0
+
+    # -- tracking -----------------------------------------------------------
+    def is_tracked(self, value: Any) -> bool:
+        if not isinstance(value, Tensor):
+            return False
+        entry = self._entries.get(id(value))
+        return entry is not None and entry[0]() is value
+
+    def tangent(self, value: Tensor) -> Tensor | None:
+        """Tangent ``[K, *value.shape]`` of a tracked tensor (None in a pass without directions)."""
+        entry = self._entries.get(id(value))
+        if entry is None or entry[0]() is not value:
+            raise KeyError("tensor is not tracked")
+        return entry[1]
+
+    def unit_indices(self, value: Tensor) -> Tensor | None:
+        """If ``value`` is the input and its tangents are unit vectors e_k, their indices k."""
+        if self.is_tracked(value):
+            return self._unit.get(id(value))
+        return None
+
+    def track(self, value: Tensor, tangent: Tensor | None, *, unit: Tensor | None = None) -> None:
+        """Mark ``value`` as depending on the input, with the given tangent."""
+        if tangent is not None and tangent.shape[1:] != value.shape:
+            raise RuntimeError(
+                f"internal error: tangent {tuple(tangent.shape)} for a tensor {tuple(value.shape)}"
+            )
+        key = id(value)
+        entries = self._entries
+        units = self._unit
+        sizes = self._sizes
+
+        def _forget(_: object, key: int = key) -> None:
+            entries.pop(key, None)
+            units.pop(key, None)
+            self.live_bytes -= sizes.pop(key, 0)
+
+        self.live_bytes -= sizes.pop(key, 0)
+        if tangent is not None:
+            nbytes = tangent.numel() * tangent.element_size()
+            sizes[key] = nbytes
+            self.live_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        self._entries[key] = (weakref.ref(value, _forget), tangent)
+        if unit is not None:
+            self._unit[key] = unit
+        else:
+            self._unit.pop(key, None)
+
+    # -- reporting ----------------------------------------------------------
+    @property
+    def module_path(self) -> str:
+        return self.module_stack[-1] if self.module_stack else ""
+
+    def refuse(self, op: str, reason: str) -> UnsupportedOperationError:
+        return UnsupportedOperationError(self.module_path, op, reason)
+
+    def emit(
+        self,
+        op: str,
+        values: Tensor,
+        tangents: Tensor | None,
+        pattern: Tensor,
+        *,
+        always_on: bool = False,
+    ) -> None:
+        """Report one group of neurons (values ``[B, n]``, tangents ``[K, B, n]``)."""
+        group = NeuronGroup(
+            index=self.num_groups,
+            module_path=self.module_path,
+            op=op,
+            values=values,
+            tangents=tangents,
+            pattern=pattern,
+            always_on=always_on,
+        )
+        self.num_groups += 1
+        self.observer.neurons(group)
+
+
+def op_name(func: Callable[..., Any]) -> str:
+    """A readable name for a torch callable (``torch.nn.functional.gelu``, ``Tensor.sigmoid``)."""
+    name = getattr(func, "__name__", repr(func))
+    if name == "__get__":
+        owner = getattr(func, "__self__", None)
+        return f"Tensor.{getattr(owner, '__name__', '?')}"
+    qual = getattr(func, "__qualname__", name)
+    if qual.startswith("TensorBase.") or qual.startswith("Tensor."):
+        return "Tensor." + qual.split(".", 1)[1]
+    module = getattr(func, "__module__", None) or "torch"
+    if module.startswith("torch._C"):
+        module = "torch.nn.functional" if "_nn" in module else "torch"
+    return f"{module}.{name}"
+
+
+class _TracingMode(TorchFunctionMode):
+    def __init__(self, trace: Trace) -> None:
+        super().__init__()
+        self.trace = trace
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        from rollnet.engine.rules import dispatch
+
+        kwargs = kwargs or {}
+        if not _has_tracked(self.trace, args, kwargs):
+            return func(*args, **kwargs)
+        return dispatch(self.trace, func, args, kwargs)
+
+
+def _has_tracked(trace: Trace, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    for value in _iter_values(args):
+        if trace.is_tracked(value):
+            return True
+    return any(trace.is_tracked(v) for v in _iter_values(tuple(kwargs.values())))
+
+
+def _iter_values(values: tuple[Any, ...] | list[Any]) -> Iterator[Any]:
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            yield from _iter_values(v)
+        else:
+            yield v
+
+
+@contextmanager
+def _module_paths(model: nn.Module, stack: list[str]) -> Iterator[None]:
+    handles = []
+    for name, module in model.named_modules():
+
+        def pre(_m: nn.Module, _a: Any, name: str = name) -> None:
+            stack.append(name)
+
+        def post(_m: nn.Module, _a: Any, _o: Any) -> None:
+            if stack:
+                stack.pop()
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post, always_call=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_traced(
+    model: nn.Module,
+    x: Tensor,
+    observer: NeuronObserver,
+    *,
+    tangent: Tensor | None,
+    unit: Tensor | None = None,
+    allow_batch_statistics: bool = False,
+) -> tuple[Tensor, Trace]:
+    """Run ``model(x)`` once, reporting neurons and the output to ``observer``.
+
+    Args:
+        model: the network; called as ``model(x)``.
+        x: ``[B, *input_shape]`` input.
+        observer: receives :class:`NeuronGroup` objects and the output.
+        tangent: ``[K, B, *input_shape]`` input directions (may have stride 0
+            along B), or ``None`` to record values and patterns only.
+        unit: when the directions are unit vectors e_k shared by all examples,
+            the ``[K]`` indices k (lets the first affine layer read its
+            Jacobian off its weights).
+        allow_batch_statistics: see :class:`Trace`.
+
+    Returns:
+        The model's output ``[B, ...]`` and the finished :class:`Trace`
+        (its ``peak_bytes`` says how much tangent memory the pass held).
+    """
+    trace = Trace(x.shape[0], observer, allow_batch_statistics=allow_batch_statistics)
+    trace.track(x, tangent, unit=unit)
+    with _module_paths(model, trace.module_stack), _TracingMode(trace):
+        out = model(x)
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"the model must return one tensor of logits [B, L]; it returned {type(out).__name__}"
+        )
+    if trace.is_tracked(out):
+        observer.output(out, trace.tangent(out))
+    else:
+        observer.output(out, None if tangent is None else out.new_zeros((tangent.shape[0], *out.shape)))
+    return out, trace

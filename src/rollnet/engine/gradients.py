@@ -1,0 +1,355 @@
+"""All neuron gradients at once, reduced on the fly, within a memory budget.
+
+:func:`collect` pushes a set of input directions through the linearized
+network (see :mod:`rollnet.engine.capture`) and reduces each neuron group's
+tangents as soon as it appears, so only one layer's tangents are alive at a
+time.  Batches and directions are split into chunks so that the tangents held
+at once stay under ``memory_budget`` bytes, whatever the batch size.
+
+What is kept is chosen by a :class:`Request`:
+
+- ``norms``: the dual norm ``||g_j||_q`` of every neuron gradient (q = 1, 2, inf);
+- ``squared_l2``: ``||g_j||_2^2`` kept differentiable (for the regulariser);
+- ``crossings``: for every direction d_k, the smallest t > 0 at which some
+  neuron flips moving along +d_k and along -d_k;
+- ``rows``: the full gradient rows (``[B, N, K]``);
+- ``output``: the tangent of the model's output (the Jacobian along d_k).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from rollnet.engine.capture import NeuronGroup, run_traced
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "Collected",
+    "Directions",
+    "Request",
+    "collect",
+    "given_directions",
+    "unit_directions",
+]
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # 1 GiB of tangents at once
+_TEMPORARIES = 3  # reductions and masks make about two more copies of a layer's tangents
+
+
+@dataclass(frozen=True)
+class Directions:
+    """Directions in input space, pushed through the network as tangents.
+
+    Either unit vectors e_k for ``indices`` (shared by the batch) or explicit
+    ``vectors`` ``[K, *input_shape]`` (shared) or ``[K, B, *input_shape]``
+    (one set per example).
+    """
+
+    count: int
+    indices: Tensor | None = None
+    vectors: Tensor | None = None
+
+    def chunk(self, start: int, stop: int, x: Tensor, b0: int) -> tuple[Tensor, Tensor | None]:
+        """Tangent ``[k, b, *input_shape]`` for directions ``start:stop`` and examples ``b0:b0+b``."""
+        b, in_shape = x.shape[0], x.shape[1:]
+        if self.indices is not None:
+            idx = self.indices[start:stop].to(x.device)
+            d = math.prod(in_shape)
+            eye = torch.zeros(idx.shape[0], d, dtype=x.dtype, device=x.device)
+            eye[torch.arange(idx.shape[0], device=x.device), idx] = 1.0
+            t = eye.reshape(idx.shape[0], 1, *in_shape).expand(idx.shape[0], b, *in_shape)
+            return t, idx
+        assert self.vectors is not None
+        v = self.vectors[start:stop].to(device=x.device, dtype=x.dtype)
+        if v.dim() == x.dim():  # shared by every example
+            return v.unsqueeze(1).expand(v.shape[0], b, *in_shape), None
+        return v[:, b0 : b0 + b], None
+
+
+def unit_directions(input_shape: torch.Size | tuple[int, ...]) -> Directions:
+    """All D = prod(input_shape) coordinate axes: gives the full gradient rows."""
+    d = math.prod(input_shape)
+    return Directions(count=d, indices=torch.arange(d))
+
+
+def given_directions(vectors: Tensor, x: Tensor) -> Directions:
+    """Explicit directions ``[K, *input_shape]`` or ``[K, B, *input_shape]``."""
+    if vectors.shape[1:] != x.shape[1:] and vectors.shape[1:] != x.shape:
+        raise ValueError(
+            f"directions must have shape [K, *{tuple(x.shape[1:])}] or [K, *{tuple(x.shape)}], "
+            f"got {tuple(vectors.shape)}"
+        )
+    return Directions(count=vectors.shape[0], vectors=vectors)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What :func:`collect` keeps (see the module docstring)."""
+
+    norms: tuple[float, ...] = ()
+    squared_l2: bool = False
+    crossings: bool = False
+    rows: bool = False
+    output: bool = False
+
+
+@dataclass
+class GroupInfo:
+    """Where a neuron group comes from."""
+
+    module_path: str
+    op: str
+    size: int
+    always_on: bool
+
+
+@dataclass
+class Collected:
+    """What :func:`collect` returns.  N neurons, K directions, B examples.
+
+    Attributes:
+        values: ``[B, N]`` neuron values.
+        patterns: per group, ``[B, m]`` bool signs or int64 selections.
+        groups: description of each group, in execution order.
+        norms: q -> ``[B, N]`` dual norms of the neuron gradients.
+        squared_l2: ``[B, N]`` squared l2 norms (differentiable when asked).
+        cross_plus, cross_minus: ``[B, K]`` distance along +d_k / -d_k to the first flip.
+        rows: ``[B, N, K]`` neuron gradients along each direction.
+        output: ``[B, *output_shape]`` model output.
+        output_rows: ``[B, *output_shape, K]`` output derivatives along each direction.
+    """
+
+    values: Tensor
+    patterns: list[Tensor]
+    groups: list[GroupInfo]
+    output: Tensor
+    norms: dict[float, Tensor] = field(default_factory=dict)
+    squared_l2: Tensor | None = None
+    cross_plus: Tensor | None = None
+    cross_minus: Tensor | None = None
+    rows: Tensor | None = None
+    output_rows: Tensor | None = None
+
+
+def _shared(t: Tensor) -> bool:
+    return t.shape[1] > 1 and t.stride(1) == 0
+
+
+def _reduce_over_directions(t: Tensor, q: float) -> Tensor:
+    """Partial dual-norm statistic of ``t`` ``[K, B, n]`` over K (sum of |.|^q or max)."""
+    if _shared(t):
+        return _reduce_over_directions(t[:, :1], q).expand(t.shape[1:])
+    if q == 1.0:
+        return t.abs().sum(0)
+    if q == 2.0:
+        return t.square().sum(0)
+    return t.abs().amax(0)
+
+
+def _crossings(group: NeuronGroup, t: Tensor) -> tuple[Tensor, Tensor]:
+    """``[K, B]`` distance along +d_k and -d_k before a neuron of ``group`` flips."""
+    absz = group.values.detach().abs()
+    s = group.signs()
+    prod = t.detach() * s
+    inf = torch.tensor(math.inf, dtype=t.dtype, device=t.device)
+    plus = torch.where(prod < 0, absz / (-prod), inf)
+    minus = torch.where(prod > 0, absz / prod, inf)
+    k, b = t.shape[0], t.shape[1]
+    if plus.shape[-1] == 0:
+        empty = torch.full((k, b), math.inf, dtype=t.dtype, device=t.device)
+        return empty, empty.clone()
+    return plus.amin(-1), minus.amin(-1)
+
+
+class _ChunkObserver:
+    """Accumulates one batch chunk over its direction chunks."""
+
+    def __init__(self, request: Request, num_directions: int) -> None:
+        self.request = request
+        self.k_total = num_directions
+        self.k0 = 0
+        self.first = True
+        self.values: list[Tensor] = []
+        self.patterns: list[Tensor] = []
+        self.groups: list[GroupInfo] = []
+        self.norms: dict[float, list[Tensor]] = {q: [] for q in request.norms}
+        self.sq: list[Tensor] = []
+        self.plus: Tensor | None = None
+        self.minus: Tensor | None = None
+        self.rows: list[Tensor] = []
+        self.output_value: Tensor | None = None
+        self.output_rows: Tensor | None = None
+
+    def start(self, k0: int) -> None:
+        self.k0 = k0
+
+    def finish_pass(self) -> None:
+        self.first = False
+
+    def neurons(self, group: NeuronGroup) -> None:
+        i = group.index
+        if self.first:
+            self.values.append(group.values)
+            self.patterns.append(group.pattern)
+            self.groups.append(GroupInfo(group.module_path, group.op, group.values.shape[1], group.always_on))
+        elif i >= len(self.groups) or group.values.shape[1] != self.groups[i].size:
+            raise RuntimeError("the model ran differently on the same input (non-deterministic forward)")
+        t = group.tangents
+        if t is None:
+            return
+        req = self.request
+        for q in req.norms:
+            part = _reduce_over_directions(t.detach(), q)
+            if self.first:
+                self.norms[q].append(part)
+            elif q == math.inf:
+                self.norms[q][i] = torch.maximum(self.norms[q][i], part)
+            else:
+                self.norms[q][i] = self.norms[q][i] + part
+        if req.squared_l2:
+            part = _reduce_over_directions(t, 2.0)
+            if self.first:
+                self.sq.append(part)
+            else:
+                self.sq[i] = self.sq[i] + part
+        if req.crossings:
+            p, m = _crossings(group, t)
+            self._min_into(p, m)
+        if req.rows:
+            block = t.detach().permute(1, 2, 0)  # [B, n, k]
+            if self.first:
+                full = block.new_empty((block.shape[0], block.shape[1], self.k_total))
+                self.rows.append(full)
+            self.rows[i][:, :, self.k0 : self.k0 + block.shape[2]] = block
+
+    def _min_into(self, plus: Tensor, minus: Tensor) -> None:
+        k, b = plus.shape
+        if self.plus is None or self.minus is None:
+            self.plus = plus.new_full((b, self.k_total), math.inf)
+            self.minus = plus.new_full((b, self.k_total), math.inf)
+        sl = slice(self.k0, self.k0 + k)
+        self.plus[:, sl] = torch.minimum(self.plus[:, sl], plus.t())
+        self.minus[:, sl] = torch.minimum(self.minus[:, sl], minus.t())
+
+    def output(self, value: Tensor, tangent: Tensor | None) -> None:
+        if self.first:
+            self.output_value = value
+        if tangent is None or not self.request.output:
+            return
+        block = tangent.detach().movedim(0, -1)  # [B, *out, k]
+        if self.output_rows is None:
+            self.output_rows = block.new_empty((*block.shape[:-1], self.k_total))
+        self.output_rows[..., self.k0 : self.k0 + block.shape[-1]] = block
+
+
+def _cat(parts: list[Tensor], b: int, like: Tensor) -> Tensor:
+    if not parts:
+        return like.new_zeros((b, 0))
+    return torch.cat(parts, dim=1)
+
+
+def _plan(
+    model: nn.Module, x: Tensor, directions: Directions, budget: int, allow_batch_statistics: bool
+) -> tuple[int, int]:
+    """Chunk sizes (examples, directions) whose tangents fit in ``budget`` bytes."""
+    b, k = x.shape[0], directions.count
+    if k == 0:
+        return b, 0
+    probe = _ChunkObserver(Request(), 1)
+    tangent, unit = directions.chunk(0, 1, x[:1], 0)
+    with torch.no_grad():
+        _, trace = run_traced(
+            model, x[:1], probe, tangent=tangent.contiguous(), unit=None,
+            allow_batch_statistics=allow_batch_statistics,
+        )
+    per_unit = max(trace.peak_bytes, 1) * _TEMPORARIES
+    if per_unit * k * b <= budget:
+        return b, k
+    if per_unit * k <= budget:
+        return max(1, budget // (per_unit * k)), k
+    return 1, max(1, budget // per_unit)
+
+
+def collect(
+    model: nn.Module,
+    x: Tensor,
+    directions: Directions | None,
+    request: Request,
+    *,
+    memory_budget: int | None = None,
+    allow_batch_statistics: bool = False,
+) -> Collected:
+    """Run the linearized network on ``x`` along ``directions`` and keep what ``request`` asks.
+
+    Gradients with respect to the model's parameters flow through
+    ``squared_l2`` and ``values`` when autograd is enabled by the caller.
+
+    Args:
+        model: the network (its mode is not changed here).
+        x: ``[B, *input_shape]`` inputs.
+        directions: input directions, or ``None`` for values and patterns only.
+        request: what to keep.
+        memory_budget: bytes of tangents to hold at once (default 1 GiB).
+        allow_batch_statistics: see :class:`rollnet.engine.capture.Trace`.
+    """
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    if budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    b = x.shape[0]
+    k_total = 0 if directions is None else directions.count
+    bc, kc = (b, 0) if directions is None else _plan(model, x, directions, budget, allow_batch_statistics)
+    chunks: list[_ChunkObserver] = []
+    for b0 in range(0, b, bc):
+        xb = x[b0 : b0 + bc]
+        obs = _ChunkObserver(request, k_total)
+        if directions is None:
+            run_traced(model, xb, obs, tangent=None, allow_batch_statistics=allow_batch_statistics)
+        else:
+            for k0 in range(0, k_total, kc):
+                obs.start(k0)
+                tangent, unit = directions.chunk(k0, min(k0 + kc, k_total), xb, b0)
+                run_traced(model, xb, obs, tangent=tangent, unit=unit,
+                           allow_batch_statistics=allow_batch_statistics)
+                obs.finish_pass()
+        chunks.append(obs)
+    return _assemble(chunks, request, x)
+
+
+def _assemble(chunks: list[_ChunkObserver], request: Request, x: Tensor) -> Collected:
+    first = chunks[0]
+    assert first.output_value is not None
+    values = torch.cat([_cat(c.values, c.output_value.shape[0], x) for c in chunks if c.output_value is not None])  # type: ignore[union-attr]
+    patterns = [torch.cat([c.patterns[i] for c in chunks]) for i in range(len(first.patterns))]
+    out = torch.cat([c.output_value for c in chunks if c.output_value is not None])
+    result = Collected(values=values, patterns=patterns, groups=first.groups, output=out)
+    for q in request.norms:
+        result.norms[q] = torch.cat([_cat(c.norms[q], c.output_value.shape[0], x) for c in chunks])  # type: ignore[union-attr]
+        if q == 2.0:
+            result.norms[q] = result.norms[q].sqrt()
+    if request.squared_l2:
+        result.squared_l2 = torch.cat([_cat(c.sq, c.output_value.shape[0], x) for c in chunks])  # type: ignore[union-attr]
+    if request.crossings:
+        pluses = [c.plus if c.plus is not None else _no_crossing(c, x) for c in chunks]
+        minuses = [c.minus if c.minus is not None else _no_crossing(c, x) for c in chunks]
+        result.cross_plus = torch.cat(pluses)
+        result.cross_minus = torch.cat(minuses)
+    if request.rows:
+        parts = []
+        for c in chunks:
+            bc = c.output_value.shape[0]  # type: ignore[union-attr]
+            parts.append(torch.cat(c.rows, dim=1) if c.rows else x.new_zeros((bc, 0, c.k_total)))
+        result.rows = torch.cat(parts)
+    if request.output:
+        rows = [c.output_rows for c in chunks]
+        if all(r is not None for r in rows):
+            result.output_rows = torch.cat(rows)  # type: ignore[arg-type]
+    return result
+
+
+def _no_crossing(c: _ChunkObserver, x: Tensor) -> Tensor:
+    bc = c.output_value.shape[0]  # type: ignore[union-attr]
+    return x.new_full((bc, c.k_total), math.inf)
