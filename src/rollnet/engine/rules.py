@@ -569,7 +569,7 @@ def _activation(
     if t is None:
         trace.track(result, None)
         return result
-    mask = on.to(t.dtype) if slope == 0.0 else torch.where(on, 1.0, slope).to(t.dtype)
+    mask = on.to(t.dtype) if slope == 0.0 else on.to(t.dtype) * (1.0 - slope) + slope
     trace.track(result, t * mask)
     return result
 
