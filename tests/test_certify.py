@@ -229,7 +229,7 @@ def test_linear_regions_object_agrees_with_functions() -> None:
     d = _inputs(shape, n=3, seed=5)
     torch.testing.assert_close(regions.directional_margin(d), rollnet.directional_margin(model, x, d))
     z, g = regions.neuron_gradients()
-    z2, g2 = rollnet.neuron_gradients(model, x)
+    _z2, g2 = rollnet.neuron_gradients(model, x)
     torch.testing.assert_close(g, g2)
     assert regions.jacobian().shape == (3, 3, *shape)
     torch.testing.assert_close(regions.saliency(target=[0, 1, 2]), rollnet.certified_saliency(model, x, [0, 1, 2])[0])

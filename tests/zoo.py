@@ -8,6 +8,7 @@ oracle that is independent of rollnet's tracer.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -36,7 +37,7 @@ class Recording(nn.Module):
 class MLP(Recording):
     def __init__(self, sizes: list[int], slope: float = 0.0) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=False))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
         self.slope = slope
 
     def forward(self, x: Tensor) -> Tensor:
