@@ -190,12 +190,14 @@ def _max_unit(
         others = others.index_select(2, keep)
     n_c = others.shape[2]
 
-    u_sel = u.gather(2, sel)  # [B, C, M]
+    # irregular windows: the selected position repeated for each kept neuron (gathers are
+    # much faster than index_select on the tangents)
+    sel_n = None if keep is None else sel.index_select(2, window_of)  # [B, C, n_c]
     u_oth = u.gather(2, others)  # [B, C, n_c]
-    if keep is None:
-        diff = u_sel.unsqueeze(-1) - u_oth.view(b, c, m, slots)
+    if sel_n is None:
+        diff = u.gather(2, sel).unsqueeze(-1) - u_oth.view(b, c, m, slots)
     else:
-        diff = u_sel.index_select(2, window_of) - u_oth
+        diff = u.gather(2, sel_n) - u_oth
     values = diff.reshape(b, c * n_c)
     if sign != 1.0:
         values = sign * values
@@ -207,10 +209,10 @@ def _max_unit(
     kk = t.shape[0]
     t_sel = t.gather(3, sel.unsqueeze(0).expand(kk, b, c, m))  # [K, B, C, M]
     t_oth = t.gather(3, others.unsqueeze(0).expand(kk, b, c, n_c))
-    if keep is None:
+    if sel_n is None:
         t_diff = t_sel.unsqueeze(-1) - t_oth.view(kk, b, c, m, slots)
     else:
-        t_diff = t_sel.index_select(3, window_of) - t_oth
+        t_diff = t.gather(3, sel_n.unsqueeze(0).expand(kk, b, c, n_c)) - t_oth
     tangents = t_diff.reshape(kk, b, c * n_c)
     if sign != 1.0:
         tangents = sign * tangents
