@@ -22,6 +22,7 @@ from rollnet.certify import (
 )
 from rollnet.errors import UnsupportedOperationError
 from rollnet.patterns import ActivationPattern, ActivationPatterns
+from rollnet.regularizer import ROLLLoss
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "ActivationPattern",
     "ActivationPatterns",
     "LinearRegions",
+    "ROLLLoss",
     "UnsupportedOperationError",
     "activation_pattern",
     "certified_saliency",

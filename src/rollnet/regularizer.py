@@ -1,0 +1,137 @@
+"""The ROLL regulariser: grow the linear regions around the training points.
+
+Per example, with neurons I and hyper-parameters lambda, C, gamma::
+
+    lambda / |I_gamma| * sum_{j in I_gamma} ( ||grad_x z_j||_2^2 + C * max(0, 1 - |z_j|) )
+
+where I_gamma holds the gamma percent of neurons with the largest bracketed
+term (gamma = 100: all of them; ``"max"``: the largest one).  Minimising it
+pushes every neuron's hyperplane away from the data (large |z_j|) while
+keeping its gradient small: a large l2 margin |z_j| / ||grad z_j||_2.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from rollnet.certify import check_input
+from rollnet.engine.gradients import Request, collect, given_directions, unit_directions
+
+__all__ = ["ROLLLoss"]
+
+Gamma = float | int | Literal["max"]
+
+
+class ROLLLoss(nn.Module):
+    """The ROLL regularisation term, differentiable in the model's parameters.
+
+    Args:
+        lam: weight lambda of the term (>= 0).
+        C: weight of the hinge ``max(0, 1 - |z_j|)`` against the squared
+            gradient norm (>= 0).
+        gamma: percentage in (0, 100] of neurons kept per example, those with
+            the largest term; or ``"max"`` for the single largest.
+        approx: ``None`` for the exact term (all D input axes pushed through
+            the linearized network, one batched pass).  An int k for an
+            unbiased estimate of the squared gradient norms from k random
+            directions per example (only with ``gamma=100``, since picking the
+            top neurons from noisy estimates would be biased).
+        estimator: with ``approx``: ``"axes"`` (the paper's: k input axes drawn
+            uniformly with replacement, scaled by D / k) or ``"gaussian"``
+            (k standard normal directions v, using E (g . v)^2 = ||g||^2).
+        memory_budget: bytes of tangents held at once in each pass.
+        generator: random generator for the approximate estimators.
+
+    Returns (when called as ``roll(model, x)``):
+        A scalar tensor: the term averaged over the batch.  The model's own
+        mode is used: in training mode, Dropout masks are drawn once per call
+        and BatchNorm's batch statistics are treated as constants.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, rollnet
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        >>> roll = rollnet.ROLLLoss(lam=2.0, C=0.25)
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> loss = F.cross_entropy(net(x), y) + roll(net, x)
+        >>> loss.backward()
+    """
+
+    def __init__(
+        self,
+        lam: float,
+        C: float,
+        gamma: Gamma = 100,
+        approx: int | None = None,
+        estimator: Literal["axes", "gaussian"] = "axes",
+        memory_budget: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if lam < 0 or C < 0:
+            raise ValueError(f"lam and C must be non-negative, got lam={lam}, C={C}")
+        if gamma != "max" and (isinstance(gamma, str) or not 0 < float(gamma) <= 100):
+            raise ValueError(f"gamma must be a percentage in (0, 100] or 'max', got {gamma!r}")
+        if approx is not None:
+            if isinstance(approx, bool) or not isinstance(approx, int) or approx < 1:
+                raise ValueError(f"approx must be a positive number of directions, got {approx!r}")
+            if gamma == "max" or float(gamma) != 100:
+                raise ValueError("the approximate term is unbiased only with gamma=100 (all neurons)")
+        if estimator not in ("axes", "gaussian"):
+            raise ValueError(f"estimator must be 'axes' or 'gaussian', got {estimator!r}")
+        self.lam = float(lam)
+        self.C = float(C)
+        self.gamma = gamma
+        self.approx = approx
+        self.estimator = estimator
+        self.memory_budget = memory_budget
+        self.generator = generator
+
+    def extra_repr(self) -> str:
+        extra = f", approx={self.approx}, estimator={self.estimator!r}" if self.approx else ""
+        return f"lam={self.lam}, C={self.C}, gamma={self.gamma!r}{extra}"
+
+    def neuron_terms(self, model: nn.Module, x: Tensor) -> Tensor:
+        """``[B, N]`` the bracketed term of every neuron (before top-gamma selection)."""
+        x = check_input(x)
+        in_shape = x.shape[1:]
+        d = math.prod(in_shape)
+        if self.approx is None:
+            directions = unit_directions(in_shape)
+            scale = 1.0
+        elif self.estimator == "axes":
+            k = self.approx
+            idx = torch.randint(0, d, (k, x.shape[0]), generator=self.generator).to(x.device)
+            vectors = torch.zeros(k, x.shape[0], d, dtype=x.dtype, device=x.device)
+            vectors.scatter_(2, idx.unsqueeze(-1), 1.0)
+            directions = given_directions(vectors.reshape(k, *x.shape), x)
+            scale = d / k
+        else:
+            k = self.approx
+            vectors = torch.randn(k, *x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
+            directions = given_directions(vectors, x)
+            scale = 1.0 / k
+        with torch.enable_grad():
+            got = collect(model, x, directions, Request(squared_l2=True),
+                          memory_budget=self.memory_budget, allow_batch_statistics=True)
+        assert got.squared_l2 is not None
+        squared = got.squared_l2 if scale == 1.0 else got.squared_l2 * scale
+        return squared + self.C * torch.relu(1.0 - got.values.abs())
+
+    def forward(self, model: nn.Module, x: Tensor) -> Tensor:
+        """The term for a batch ``x`` ``[B, *input_shape]``: a scalar, mean over the batch."""
+        terms = self.neuron_terms(model, x)
+        n = terms.shape[1]
+        if terms.shape[0] == 0 or n == 0:
+            return terms.sum() * 0.0
+        if self.gamma == "max":
+            per_example = terms.amax(dim=1)
+        elif float(self.gamma) == 100:
+            per_example = terms.mean(dim=1)
+        else:
+            keep = max(1, math.ceil(float(self.gamma) / 100.0 * n))
+            per_example = terms.topk(keep, dim=1).values.mean(dim=1)
+        return self.lam * per_example.mean()
