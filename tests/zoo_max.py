@@ -380,44 +380,6 @@ def neurons(model: Recording, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return torch.cat(zs, 1), torch.cat(gs, 1), torch.cat(kinds)
 
 
-def dual(p: float) -> float:
-    return {1.0: math.inf, 2.0: 2.0, math.inf: 1.0}[p]
-
-
-def oracle_margin(z: Tensor, g: Tensor, p: float) -> Tensor:
-    """min_j |z_j| / ||g_j||_q over neurons with a non-zero gradient."""
-    norms = g.flatten(2).norm(p=dual(p), dim=2)
-    ratio = torch.where(norms > 0, z.abs() / norms, torch.full_like(z, math.inf))
-    return ratio.amin(1)
-
-
-def sample_ball(n: int, shape: tuple[int, ...], p: float, gen: torch.Generator, dtype: torch.dtype) -> Tensor:
-    """``[n, *shape]`` points with ||u||_p <= 1: half on the surface (vertices included), half inside."""
-    d = math.prod(shape)
-    if p == 2.0:
-        u = torch.randn(n, d, generator=gen, dtype=dtype)
-        u = u / u.norm(dim=1, keepdim=True)
-    elif p == math.inf:
-        u = torch.rand(n, d, generator=gen, dtype=dtype) * 2 - 1
-        quarter = n // 4
-        u[:quarter] = torch.randint(0, 2, (quarter, d), generator=gen).to(dtype) * 2 - 1
-        rows = torch.arange(quarter, n)
-        cols = torch.randint(0, d, (n - quarter,), generator=gen)
-        u[rows, cols] = torch.randint(0, 2, (n - quarter,), generator=gen).to(dtype) * 2 - 1
-    else:
-        e = -torch.log(torch.rand(n, d, generator=gen, dtype=dtype))
-        signs = torch.randint(0, 2, (n, d), generator=gen).to(dtype) * 2 - 1
-        u = signs * e / e.sum(dim=1, keepdim=True)
-        k = min(n // 4, 2 * d)
-        idx = torch.arange(k)
-        u[:k] = 0.0
-        u[idx, idx % d] = torch.where(idx < d, 1.0, -1.0).to(dtype)
-    half = n // 2
-    scale = torch.ones(n, 1, dtype=dtype)
-    scale[half:] = torch.rand(n - half, 1, generator=gen, dtype=dtype)
-    return (u * scale).reshape(n, *shape)
-
-
 def worst_direction(g: Tensor, z: float, p: float, always_on: bool) -> Tensor:
     """Unit-lp direction moving neuron (z, g) fastest towards its hyperplane."""
     s = 1.0 if (always_on or z > 0) else -1.0

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 import rollnet
 from rollnet.engine.gradients import Request, collect, unit_directions
 from rollnet.engine.max_units import adaptive_windows, pool_windows
+from tests.oracles import oracle_margin, sample_ball
 from tests.zoo_max import (
     MaxoutNet,
     Recording,
@@ -27,10 +28,8 @@ from tests.zoo_max import (
     make_models,
     membership,
     neurons,
-    oracle_margin,
     pattern,
     resnet_pattern,
-    sample_ball,
     worst_direction,
 )
 
@@ -347,6 +346,25 @@ def test_training_gradients_flow_through_max_units() -> None:
     torch.testing.assert_close(term, want_term, rtol=1e-10, atol=1e-12)
     want = torch.autograd.grad(want_term, params)
     for a, b in zip(grads, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("gamma", [100, "max"])
+def test_roll_loss_counts_max_unit_differences(gamma: int | str) -> None:
+    """ROLLLoss treats every max-unit difference as a neuron: value and parameter gradients."""
+    model = make_models()["pool1d"]
+    x = _inputs(model, 2, seed=6)
+    roll = rollnet.ROLLLoss(lam=0.5, C=0.25, gamma=gamma)  # type: ignore[arg-type]
+    params = [p for name, p in model.named_parameters() if not name.startswith("fc2")]
+    loss = roll(model, x)
+    grads = torch.autograd.grad(loss, params)
+
+    z, g = _differentiable_neurons(model, x.clone().requires_grad_(True))
+    terms = (g.flatten(2) ** 2).sum(2) + 0.25 * torch.relu(1.0 - z.abs())
+    per = terms.amax(1) if gamma == "max" else terms.mean(1)
+    want = 0.5 * per.mean()
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads, torch.autograd.grad(want, params), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
