@@ -37,15 +37,21 @@ def small_cnn(pool: Callable[[], nn.Module]) -> nn.Module:
     return nn.Sequential(*body, nn.Linear(features, 10)).eval()
 
 
-def timed(model: nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
-    """Median seconds of ``rollnet.margin(model, x, p=2)`` (after one warm-up run)."""
-    rollnet.margin(model, x, p=2)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed(models: list[nn.Module], x: torch.Tensor, repeats: int = 3) -> list[float]:
+    """Median seconds of ``rollnet.margin(model, x, p=2)`` per model (after a warm-up run).
+
+    The models take turns in every repeat, so that a change of machine load
+    affects them alike.
+    """
+    for model in models:
         rollnet.margin(model, x, p=2)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(repeats):
+        for i, model in enumerate(models):
+            start = time.perf_counter()
+            rollnet.margin(model, x, p=2)
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -64,7 +70,7 @@ def main() -> None:
         net_max, net_avg = small_cnn(max_pool), small_cnn(avg_pool)
         n_max = rollnet.LinearRegions(net_max, x[:1]).num_neurons
         n_avg = rollnet.LinearRegions(net_avg, x[:1]).num_neurons
-        t_max, t_avg = timed(net_max, x), timed(net_avg, x)
+        t_max, t_avg = timed([net_max, net_avg], x)
         print(f"| {label} | {n_max} / {n_avg} | {t_max:.3f} | {t_avg:.3f} | {t_max / t_avg:.2f} |")
 
 

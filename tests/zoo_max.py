@@ -136,6 +136,25 @@ class AdaptiveNet(Recording):
         return self.fc(self.pool(h).flatten(1))
 
 
+class Pool3dNet(Recording):
+    """3-D max-pool with padding and overlapping windows; input ``[1, 4, 4, 3]``."""
+
+    input_shape = (1, 4, 4, 3)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(1, 2, 2, padding=1)  # 4x4x3 -> 5x5x4
+        self.pool = nn.MaxPool3d((3, 2, 2), stride=(2, 1, 2), padding=(1, 0, 1))  # -> 3x4x3
+        self.fc = nn.Linear(72, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.conv(x)
+        self.rec_relu(z)
+        h = F.relu(z)
+        self.rec_max(h, lambda v: F.max_pool3d(v, (3, 2, 2), (2, 1, 2), (1, 0, 1), return_indices=True))
+        return self.fc(self.pool(h).flatten(1))
+
+
 class MaxoutNet(Recording):
     """Maxout with ``torch.max(dim)``, ``amax`` over two dims, ``min`` and ``torch.maximum``; input ``[6]``."""
 
@@ -185,7 +204,8 @@ def make_models() -> dict[str, Recording]:
     """The zoo, in float64, eval mode, seeded."""
     torch.manual_seed(0)
     models: dict[str, Recording] = {
-        "pool_cnn": PoolCNN(), "pool1d": Pool1dNet(), "adaptive": AdaptiveNet(), "maxout": MaxoutNet(),
+        "pool_cnn": PoolCNN(), "pool1d": Pool1dNet(), "adaptive": AdaptiveNet(), "pool3d": Pool3dNet(),
+        "maxout": MaxoutNet(),
     }
     return {k: m.double().eval() for k, m in models.items()}
 

@@ -170,7 +170,7 @@ def test_ball_is_tight(name: str, p: float) -> None:
 def test_closest_neuron_is_often_a_max_unit() -> None:
     """The max-unit constraints matter: on these nets they are frequently the binding ones."""
     binding = 0
-    for name in ("pool_cnn", "pool1d", "adaptive", "maxout"):
+    for name in NAMES:
         _, z, g, is_max = _oracle(name)
         ratio = torch.where(g.flatten(2).norm(dim=2) > 0, z.abs() / g.flatten(2).norm(dim=2), math.inf)
         binding += int(is_max[ratio.argmin(dim=1)].sum())
@@ -468,6 +468,34 @@ def test_maxout_ops_are_reported() -> None:
     x = _inputs(model, 3, seed=7)
     info = [op for _, op, _ in rollnet.LinearRegions(model, x).neuron_info()]
     assert info == ["max", "relu", "amax", "maximum", "min"]
+
+
+def test_keepdim_and_dim_spellings_agree() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 12).double()
+
+    def net(unit: Callable[[Tensor], Tensor]) -> nn.Module:
+        class _Net(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.lin = lin
+
+            def forward(self, v: Tensor) -> Tensor:
+                return unit(self.lin(v).view(-1, 2, 2, 3)).reshape(v.shape[0], -1)
+
+        return _Net()
+
+    x = torch.randn(4, 5, dtype=DT)
+    spellings: list[Callable[[Tensor], Tensor]] = [
+        lambda h: h.amax(dim=-1),
+        lambda h: h.max(dim=-1, keepdim=True).values,
+        lambda h: torch.max(h, 3)[0],
+        lambda h: torch.amax(h, [3], keepdim=True),
+    ]
+    ref = rollnet.margin(net(spellings[0]), x, p=2)
+    assert bool(torch.isfinite(ref).all())
+    for s in spellings[1:]:
+        torch.testing.assert_close(rollnet.margin(net(s), x, p=2), ref, rtol=1e-12, atol=0.0)
 
 
 # ---------------------------------------------------------------------------

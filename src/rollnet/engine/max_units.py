@@ -19,6 +19,15 @@ different sizes (padding, ``ceil_mode``, adaptive pooling) or a single member
 the indices of ``torch.max``), so the pattern is exactly torch's choice and the
 same input always gives the same pattern.
 
+Neurons of one call are ordered by channel (for maxout: by the position in
+the kept dimensions), then window, then member in torch's scan order, with
+the selected member skipped; the pattern part is ``[B, C * M]``: the selected
+position of each unit within its channel's plane, exactly as torch's
+``return_indices`` reports it (for maxout: the index within the flattened
+reduced dimensions).  A tie whose two inputs have the same gradient (the
+difference is identically zero in the region) imposes no constraint, like
+any neuron with a zero gradient.
+
 The rules here register themselves into :data:`rollnet.engine.rules.RULES`.
 """
 
