@@ -83,7 +83,8 @@ def dispatch(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwar
         reason = (
             "it is not an affine or piecewise-linear operation rollnet knows "
             "(supported: Linear, Conv, eval BatchNorm, AvgPool, Flatten, Dropout, ReLU, "
-            "LeakyReLU, MaxPool, additions, concatenations and reshapes)"
+            "LeakyReLU, MaxPool, AdaptiveMaxPool, maxout as max/amax over non-batch dimensions, "
+            "additions, concatenations and reshapes)"
         )
     raise trace.refuse(op_name(func), reason)
 
@@ -584,7 +585,8 @@ def _activation(
     if t is None:
         trace.track(result, None)
         return result
-    mask = on.to(t.dtype) if slope == 0.0 else on.to(t.dtype) * (1.0 - slope) + slope
+    # the slope in the tangent's own dtype (a Python float would go through float32)
+    mask = on.to(t.dtype) if slope == 0.0 else torch.where(on, t.new_ones(()), t.new_full((), slope))
     trace.track(result, t * mask)
     return result
 
@@ -604,3 +606,7 @@ def leaky_relu(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kw
         kwargs.get("inplace", args[2] if func is F.leaky_relu and len(args) > 2 else False)
     )
     return _activation(trace, "leaky_relu", func, args, kwargs, slope, in_place)
+
+
+# Max units (MaxPool, maxout) live in their own module and register into RULES on import.
+from rollnet.engine import max_units as _max_units  # noqa: E402, F401
