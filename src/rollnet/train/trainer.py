@@ -239,7 +239,7 @@ class _Run:
                 units: percentiles(radii * scale) for units, scale in self.info.radius_scales().items()
             }
             record["val_margin_samples"] = len(subset)
-        record["seconds"] = seconds
+        record["train_seconds"] = seconds
         return record
 
     def improved(self, record: dict[str, Any]) -> bool:
@@ -422,6 +422,7 @@ def _loop(run: _Run, on_step: StepHook | None, resume_from: Checkpoint | None) -
                         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.batch < n_batches:
                             last = run.save("last", None)
                 record = run.epoch_record(time.perf_counter() - started)
+                record["seconds"] = time.perf_counter() - started
                 is_best = run.improved(record)
                 state.history.append(record)
                 state.epoch += 1
