@@ -17,7 +17,7 @@ import bisect
 import copy
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,8 +37,8 @@ __all__ = [
     "stability_bounds",
 ]
 
-Norm = Union[int, float, str]
-Target = Union[int, Sequence[int], Tensor, None]
+Norm = int | float | str
+Target = int | Sequence[int] | Tensor | None
 
 _DUAL = {1.0: math.inf, 2.0: 2.0, math.inf: 1.0}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 __all__ = ["UnsupportedOperationError"]
 
 
-class UnsupportedOperationError(TypeError):
+class UnsupportedOperationError(ValueError):
     """The model calls an operation rollnet cannot linearize exactly.
 
     Raised while the model runs, with the path of the module that made the

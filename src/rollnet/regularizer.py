@@ -13,7 +13,7 @@ keeping its gradient small: a large l2 margin |z_j| / ||grad z_j||_2.
 from __future__ import annotations
 
 import math
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,7 @@ from rollnet.engine.gradients import Request, collect, given_directions, unit_di
 
 __all__ = ["ROLLLoss"]
 
-Gamma = Union[float, int, Literal["max"]]
+Gamma = float | int | Literal["max"]
 
 
 class ROLLLoss(nn.Module):
@@ -73,9 +73,8 @@ class ROLLLoss(nn.Module):
         super().__init__()
         if lam < 0 or C < 0:
             raise ValueError(f"lam and C must be non-negative, got lam={lam}, C={C}")
-        if gamma != "max":
-            if isinstance(gamma, str) or not 0 < float(gamma) <= 100:
-                raise ValueError(f"gamma must be a percentage in (0, 100] or 'max', got {gamma!r}")
+        if gamma != "max" and (isinstance(gamma, str) or not 0 < float(gamma) <= 100):
+            raise ValueError(f"gamma must be a percentage in (0, 100] or 'max', got {gamma!r}")
         if approx is not None:
             if isinstance(approx, bool) or not isinstance(approx, int) or approx < 1:
                 raise ValueError(f"approx must be a positive number of directions, got {approx!r}")

@@ -168,8 +168,9 @@ def _crossings(group: NeuronGroup, t: Tensor) -> tuple[Tensor, Tensor]:
 class _ChunkObserver:
     """Accumulates one batch chunk over its direction chunks."""
 
-    def __init__(self, request: Request, num_directions: int) -> None:
+    def __init__(self, request: Request, num_directions: int, batch_size: int) -> None:
         self.request = request
+        self.batch_size = batch_size
         self.k_total = num_directions
         self.k0 = 0
         self.first = True
@@ -246,12 +247,6 @@ class _ChunkObserver:
         self.output_rows[..., self.k0 : self.k0 + block.shape[-1]] = block
 
 
-def _cat(parts: list[Tensor], b: int, like: Tensor) -> Tensor:
-    if not parts:
-        return like.new_zeros((b, 0))
-    return torch.cat(parts, dim=1)
-
-
 def _plan(
     model: nn.Module, x: Tensor, directions: Directions, budget: int, allow_batch_statistics: bool
 ) -> tuple[int, int]:
@@ -259,14 +254,16 @@ def _plan(
     b, k = x.shape[0], directions.count
     if k == 0:
         return b, 0
-    probe = _ChunkObserver(Request(), 1)
-    tangent, unit = directions.chunk(0, 1, x[:1], 0)
+    # One direction through a few examples (more than one: BatchNorm in training mode needs it).
+    n = min(b, 8)
+    probe = _ChunkObserver(Request(), 1, n)
+    tangent, _ = directions.chunk(0, 1, x[:n], 0)
     with torch.no_grad():
         _, trace = run_traced(
-            model, x[:1], probe, tangent=tangent.contiguous(), unit=None,
+            model, x[:n], probe, tangent=tangent.contiguous(), unit=None,
             allow_batch_statistics=allow_batch_statistics,
         )
-    per_unit = max(trace.peak_bytes, 1) * _TEMPORARIES
+    per_unit = max(trace.peak_bytes // n, 1) * _TEMPORARIES
     if per_unit * k * b <= budget:
         return b, k
     if per_unit * k <= budget:
@@ -305,7 +302,7 @@ def collect(
     chunks: list[_ChunkObserver] = []
     for b0 in range(0, b, bc):
         xb = x[b0 : b0 + bc]
-        obs = _ChunkObserver(request, k_total)
+        obs = _ChunkObserver(request, k_total, xb.shape[0])
         if directions is None:
             run_traced(model, xb, obs, tangent=None, allow_batch_statistics=allow_batch_statistics)
         else:
@@ -320,36 +317,35 @@ def collect(
 
 
 def _assemble(chunks: list[_ChunkObserver], request: Request, x: Tensor) -> Collected:
+    """Concatenate the batch chunks."""
+
+    def neurons(parts: list[Tensor], c: _ChunkObserver) -> Tensor:
+        return torch.cat(parts, dim=1) if parts else x.new_zeros((c.batch_size, 0))
+
+    def no_crossing(c: _ChunkObserver) -> Tensor:
+        return x.new_full((c.batch_size, c.k_total), math.inf)
+
     first = chunks[0]
-    assert first.output_value is not None
-    values = torch.cat([_cat(c.values, c.output_value.shape[0], x) for c in chunks if c.output_value is not None])  # type: ignore[union-attr]
-    patterns = [torch.cat([c.patterns[i] for c in chunks]) for i in range(len(first.patterns))]
-    out = torch.cat([c.output_value for c in chunks if c.output_value is not None])
-    result = Collected(values=values, patterns=patterns, groups=first.groups, output=out)
+    outputs = [c.output_value for c in chunks]
+    assert all(o is not None for o in outputs)
+    result = Collected(
+        values=torch.cat([neurons(c.values, c) for c in chunks]),
+        patterns=[torch.cat([c.patterns[i] for c in chunks]) for i in range(len(first.patterns))],
+        groups=first.groups,
+        output=torch.cat(outputs),  # type: ignore[arg-type]
+    )
     for q in request.norms:
-        result.norms[q] = torch.cat([_cat(c.norms[q], c.output_value.shape[0], x) for c in chunks])  # type: ignore[union-attr]
-        if q == 2.0:
-            result.norms[q] = result.norms[q].sqrt()
+        norms = torch.cat([neurons(c.norms[q], c) for c in chunks])
+        result.norms[q] = norms.sqrt() if q == 2.0 else norms
     if request.squared_l2:
-        result.squared_l2 = torch.cat([_cat(c.sq, c.output_value.shape[0], x) for c in chunks])  # type: ignore[union-attr]
+        result.squared_l2 = torch.cat([neurons(c.sq, c) for c in chunks])
     if request.crossings:
-        pluses = [c.plus if c.plus is not None else _no_crossing(c, x) for c in chunks]
-        minuses = [c.minus if c.minus is not None else _no_crossing(c, x) for c in chunks]
-        result.cross_plus = torch.cat(pluses)
-        result.cross_minus = torch.cat(minuses)
+        result.cross_plus = torch.cat([no_crossing(c) if c.plus is None else c.plus for c in chunks])
+        result.cross_minus = torch.cat([no_crossing(c) if c.minus is None else c.minus for c in chunks])
     if request.rows:
-        parts = []
-        for c in chunks:
-            bc = c.output_value.shape[0]  # type: ignore[union-attr]
-            parts.append(torch.cat(c.rows, dim=1) if c.rows else x.new_zeros((bc, 0, c.k_total)))
-        result.rows = torch.cat(parts)
-    if request.output:
-        rows = [c.output_rows for c in chunks]
-        if all(r is not None for r in rows):
-            result.output_rows = torch.cat(rows)  # type: ignore[arg-type]
+        result.rows = torch.cat(
+            [torch.cat(c.rows, dim=1) if c.rows else x.new_zeros((c.batch_size, 0, c.k_total)) for c in chunks]
+        )
+    if request.output and all(c.output_rows is not None for c in chunks):
+        result.output_rows = torch.cat([c.output_rows for c in chunks])  # type: ignore[misc]
     return result
-
-
-def _no_crossing(c: _ChunkObserver, x: Tensor) -> Tensor:
-    bc = c.output_value.shape[0]  # type: ignore[union-attr]
-    return x.new_full((bc, c.k_total), math.inf)

@@ -258,7 +258,7 @@ def _broadcast_tangent(t: Tensor | None, shape: torch.Size, k: int) -> Tensor | 
     return t.expand(k, *shape)
 
 
-_ADD = {
+_ADD: dict[Any, Any] = {
     torch.add: 1.0, torch.Tensor.add: 1.0, torch.Tensor.__add__: 1.0, torch.Tensor.__radd__: 1.0,
     torch.Tensor.__iadd__: 1.0, torch.Tensor.add_: 1.0,
     torch.sub: -1.0, torch.subtract: -1.0, torch.Tensor.sub: -1.0, torch.Tensor.__sub__: -1.0,
@@ -277,7 +277,7 @@ def add(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs: d
     # r-variants: func(a, b) computes b - alpha * a
     coef_a, coef_b = (-float(alpha), 1.0) if sign == "r" else (1.0, float(sign) * float(alpha))
     ta = trace.tangent(a) if trace.is_tracked(a) else None
-    tb = trace.tangent(b) if trace.is_tracked(b) else None
+    tb = trace.tangent(b) if isinstance(b, Tensor) and trace.is_tracked(b) else None
     in_place = func in (torch.Tensor.__iadd__, torch.Tensor.add_, torch.Tensor.__isub__, torch.Tensor.sub_)
     if in_place and isinstance(a, Tensor) and a._base is not None and trace.is_tracked(a._base):
         raise trace.refuse(op_name(func), "in-place update of a view of an input-dependent tensor")
@@ -310,10 +310,16 @@ _SCALE = [
     torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.__itruediv__, torch.Tensor.div_,
     torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__,
     torch.mm, torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.mv, torch.Tensor.mv,
-    torch.einsum, torch.tensordot, torch.outer, torch.kron,
+    torch.einsum, torch.tensordot, torch.outer, torch.kron, torch.Tensor.__rdiv__,
+    torch.Tensor.__rtruediv__,
 ]
 _DIVISIONS = {torch.div, torch.divide, torch.true_divide, torch.Tensor.div, torch.Tensor.__truediv__,
               torch.Tensor.__itruediv__, torch.Tensor.div_}
+_REVERSED_DIVISIONS = {torch.Tensor.__rdiv__, torch.Tensor.__rtruediv__}
+_OUT_OF_PLACE: dict[Any, Callable[..., Any]] = {
+    torch.Tensor.__imul__: torch.mul, torch.Tensor.mul_: torch.mul,
+    torch.Tensor.__itruediv__: torch.div, torch.Tensor.div_: torch.div,
+}
 _IN_PLACE_SCALE = {torch.Tensor.__imul__, torch.Tensor.mul_, torch.Tensor.__itruediv__, torch.Tensor.div_}
 
 
@@ -326,14 +332,13 @@ def scale(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs:
         raise trace.refuse(name, "a product of two input-dependent tensors is not piecewise linear")
     (x,) = tracked
     _check_float(trace, func, tracked)
-    if func in _DIVISIONS and args[0] is not x:
+    if (func in _DIVISIONS and args[0] is not x) or func in _REVERSED_DIVISIONS:
         raise trace.refuse(name, "dividing by an input-dependent tensor is not piecewise linear")
     if kwargs.get("rounding_mode") is not None:
         raise trace.refuse(name, "rounded division is not linear")
     if func in _IN_PLACE_SCALE and x._base is not None and trace.is_tracked(x._base):
         raise trace.refuse(name, "in-place update of a view of an input-dependent tensor")
-    plain = {torch.Tensor.__imul__: torch.mul, torch.Tensor.mul_: torch.mul,
-             torch.Tensor.__itruediv__: torch.div, torch.Tensor.div_: torch.div}.get(func, func)
+    plain = _OUT_OF_PLACE.get(func, func)
     result = func(*args, **kwargs)
     t = trace.tangent(x)
     if t is None:
@@ -367,7 +372,7 @@ def linear(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(
             f"module '{trace.module_path}' expects inputs whose last dimension is "
-            f"{weight.shape[-1]}, got a tensor of shape {tuple(x.shape)}"
+            f"{weight.shape[-1]}, got inputs of per-example shape {tuple(x.shape[1:])}"
         )
     result = func(*args, **kwargs)
     t = trace.tangent(x)
@@ -388,7 +393,17 @@ def linear(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs
     return result
 
 
-@register(torch.addmm, torch.Tensor.addmm, torch.addmv, torch.baddbmm, torch.addbmm)
+def _batched_sum(a: Tensor, b: Tensor) -> Tensor:
+    return torch.bmm(a, b).sum(0)
+
+
+_PRODUCT_OF: dict[Any, Callable[..., Tensor]] = {
+    torch.addmm: torch.mm, torch.Tensor.addmm: torch.mm, torch.addmv: torch.mv,
+    torch.baddbmm: torch.bmm, torch.addbmm: _batched_sum,
+}
+
+
+@register(*_PRODUCT_OF)
 def add_product(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """bias + m1 @ m2 with the bias constant and exactly one factor input-dependent."""
     bias, m1, m2 = args[0], args[1], args[2]
@@ -405,8 +420,7 @@ def add_product(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], k
     if t is None:
         trace.track(result, None)
         return result
-    product = {torch.addmm: torch.mm, torch.Tensor.addmm: torch.mm, torch.addmv: torch.mv,
-               torch.baddbmm: torch.bmm, torch.addbmm: lambda a, b: torch.bmm(a, b).sum(0)}[func]
+    product = _PRODUCT_OF[func]
 
     def fn(u: Tensor) -> Tensor:
         return alpha * (product(u, m2) if tracked[0] is m1 else product(m1, u))
@@ -428,7 +442,8 @@ def conv(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs: 
         result = func(*args, **kwargs)
     except RuntimeError as err:
         raise ValueError(
-            f"module '{trace.module_path}' rejected an input of shape {tuple(x.shape)}: {err}"
+            f"module '{trace.module_path}' rejected inputs of per-example shape "
+            f"{tuple(x.shape[1:])}: {err}"
         ) from err
     t = trace.tangent(x)
     if t is None:
@@ -449,7 +464,7 @@ def conv(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs: 
 def batch_norm(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     names = ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"]
     defaults: dict[str, Any] = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
-    bound = {**defaults, **dict(zip(names, args)), **kwargs}
+    bound = {**defaults, **dict(zip(names, args, strict=False)), **kwargs}
     x = bound["input"]
     for n in ("running_mean", "running_var", "weight", "bias"):
         if trace.is_tracked(bound[n]):
@@ -507,10 +522,10 @@ def average_pool(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], 
     return result
 
 
-@register(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout, torch.Tensor.dropout if hasattr(torch.Tensor, "dropout") else None)
+@register(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout)
 def dropout(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     names = ["input", "p", "training", "inplace"]
-    bound = {"p": 0.5, "training": True, "inplace": False, **dict(zip(names, args)), **kwargs}
+    bound = {"p": 0.5, "training": True, "inplace": False, **dict(zip(names, args, strict=False)), **kwargs}
     if "train" in kwargs:  # torch.dropout(input, p, train)
         bound["training"] = kwargs["train"]
     x = bound["input"]
@@ -569,7 +584,7 @@ def _activation(
     if t is None:
         trace.track(result, None)
         return result
-    mask = on.to(t.dtype) if slope == 0.0 else torch.where(on, 1.0, slope).to(t.dtype)
+    mask = on.to(t.dtype) if slope == 0.0 else on.to(t.dtype) * (1.0 - slope) + slope
     trace.track(result, t * mask)
     return result
 
