@@ -1,25 +1,18 @@
-"""Small, fast configurations for the trainer tests (local fixtures; tests/zoo.py is shared)."""
+"""Trainer tests run tiny models: one thread is faster for them, and immune to busy machines."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
-
-from rollnet.train import TrainConfig, apply_overrides
-
-
-def tiny_config(*overrides: str) -> TrainConfig:
-    """Digits (8x8), a 2 x 32 MLP with dropout and the approximate ROLL term: every source of
-    randomness the trainer must restore on resume (batch order, dropout, the regulariser's directions)."""
-    base = [
-        "name=tiny", "data.name=digits", "model.hidden=[32,32]", "model.dropout=0.1",
-        "epochs=2", "batch_size=64", "progress=false", "val_margin_samples=20",
-        "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9",
-        "roll.lam=0.5", "roll.C=1", "roll.approx=4", "roll.estimator=gaussian",
-    ]
-    return apply_overrides(TrainConfig(), [*base, *overrides])
+import torch
 
 
-@pytest.fixture
-def quiet():
-    lines: list[str] = []
-    return lines.append
+@pytest.fixture(autouse=True)
+def _single_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
