@@ -89,7 +89,7 @@ def check_same_loss(model: nn.Module, x: Tensor) -> tuple[float, float]:
     _, reference = roll_by_backprop(model, x, LAM, C)
     g_ref = torch.autograd.grad(reference, params)
     loss_diff = abs(float(engine.detach()) - float(reference.detach())) / abs(float(reference.detach()))
-    grad_diff = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(g_engine, g_ref))
+    grad_diff = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(g_engine, g_ref, strict=True))
     return loss_diff, grad_diff
 
 

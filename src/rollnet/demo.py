@@ -21,7 +21,6 @@ complete there are reused (resumed), so a second call is quick.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence

@@ -216,9 +216,9 @@ def test_stratified_split_partitions_with_the_label_proportions(labels, fraction
     together = torch.cat(parts).sort().values
     assert torch.equal(together, torch.arange(m))
     # part i is drawn from what parts < i left: its per-class counts are within i + 1 of proportional
-    for i, (part, size) in enumerate(zip(parts, (a, b))):
+    for i, (part, size) in enumerate(zip(parts[:2], (a, b), strict=True)):
         for c in y.unique():
             expected = size * int((y == c).sum()) / m
             assert abs(int((y[part] == c).sum()) - expected) < i + 1 + 1e-9
     again = stratified_split(y, [a, b, None], seed=seed)
-    assert all(torch.equal(p, q) for p, q in zip(parts, again))
+    assert all(torch.equal(p, q) for p, q in zip(parts, again, strict=True))

@@ -65,7 +65,7 @@ def test_normalisation_inside_the_model_gives_radii_in_pixel_units():
     mean, std = 0.13, 0.31
     inside = MLP((1, 5, 5), 4, [16, 16], normalization=(mean, std)).double()
     outside = MLP((1, 5, 5), 4, [16, 16]).double()
-    for a, b in zip(inside.layers[1:], outside.layers):
+    for a, b in zip(inside.layers[1:], outside.layers, strict=True):
         b.load_state_dict(a.state_dict())
     mean, std = float(inside.layers[0].mean), float(inside.layers[0].std)  # as stored (float32)
     pixels = torch.rand(6, 1, 5, 5, dtype=torch.float64)

@@ -10,7 +10,12 @@ import torch
 from torch import nn
 
 from rollnet.train import CheckpointError, evaluate_checkpoint, load_manifest, train
-from rollnet.train.checkpoint import atomic_write_bytes, load_tensors, load_weights_into, save_checkpoint
+from rollnet.train.checkpoint import (
+    atomic_write_bytes,
+    load_tensors,
+    load_weights_into,
+    save_checkpoint,
+)
 from tests.train.helpers import quiet, tiny_config
 
 

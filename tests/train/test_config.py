@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from rollnet.train import ConfigError, TrainConfig, apply_overrides, config_from_dict, load_config, valid_keys
+from rollnet.train import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    valid_keys,
+)
 from rollnet.train.config import config_diff, config_to_dict
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.*"))
@@ -25,7 +32,7 @@ def test_unknown_key_lists_the_valid_ones():
 def test_unknown_key_in_a_file_is_refused(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"roll": {"lambda": 2}}))
-    with pytest.raises(ConfigError, match="unknown config key 'roll.lambda'.*valid keys"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'roll\.lambda'.*valid keys"):
         load_config(path)
     path.write_text(json.dumps({"optimizer": {"lr": 1}}))
     with pytest.raises(ConfigError, match="unknown config key 'optimizer'"):
@@ -71,7 +78,7 @@ def test_toml_and_json_files_give_the_same_config(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.json")
     (tmp_path / "a.yaml").write_text("epochs: 2\n")
-    with pytest.raises(ConfigError, match=".json or .toml"):
+    with pytest.raises(ConfigError, match=r"\.json or \.toml"):
         load_config(tmp_path / "a.yaml")
 
 

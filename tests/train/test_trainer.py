@@ -11,7 +11,6 @@ import torch
 
 from rollnet.train import CheckpointError, ConfigError, load_manifest, train
 from rollnet.train.checkpoint import load_tensors
-
 from tests.train.helpers import quiet, tiny_config
 
 
@@ -70,7 +69,7 @@ def test_resume_is_not_trivially_equal(tmp_path):
 def test_resume_can_extend_epochs_but_not_change_the_model(tmp_path):
     cfg = tiny_config("epochs=1", "roll.lam=0")
     train(cfg, tmp_path, log=quiet)
-    with pytest.raises(ConfigError, match="model.hidden"):
+    with pytest.raises(ConfigError, match=r"model\.hidden"):
         train(tiny_config("epochs=1", "roll.lam=0", "model.hidden=[16]"), tmp_path, resume=True, log=quiet)
     with pytest.raises(ConfigError, match="already holds a run"):
         train(cfg, tmp_path, log=quiet)

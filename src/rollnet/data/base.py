@@ -192,7 +192,7 @@ def stratified_split(labels: Tensor, sizes: Sequence[int | None], seed: int) -> 
     parts: list[Tensor] = []
     for size in sizes_full:
         quota = _quotas(remaining, size) if int(remaining.sum()) != size else remaining.clone()
-        chunk = [idx[int(o) : int(o) + int(q)] for idx, o, q in zip(per_class, offsets, quota)]
+        chunk = [idx[int(o) : int(o) + int(q)] for idx, o, q in zip(per_class, offsets, quota, strict=True)]
         parts.append(torch.sort(torch.cat(chunk)).values if chunk else torch.zeros(0, dtype=torch.int64))
         offsets += quota
         remaining -= quota

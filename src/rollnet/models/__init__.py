@@ -19,8 +19,8 @@ from rollnet.models.mlp import MLP
 from rollnet.models.resnet import BasicBlock, ResNet, resnet18
 
 __all__ = [
-    "MLP",
     "ARCHITECTURES",
+    "MLP",
     "BasicBlock",
     "InputNormalization",
     "ResNet",

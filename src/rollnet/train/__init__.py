@@ -22,7 +22,13 @@ from rollnet.train.config import (
     load_config,
     valid_keys,
 )
-from rollnet.train.evaluation import RegionReport, evaluate_checkpoint, region_report, to_json, to_markdown
+from rollnet.train.evaluation import (
+    RegionReport,
+    evaluate_checkpoint,
+    region_report,
+    to_json,
+    to_markdown,
+)
 from rollnet.train.factory import DataInfo
 from rollnet.train.trainer import TrainerState, TrainingDiverged, TrainResult, train
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
+
+import tomllib
 
 __all__ = [
     "ConfigError",
@@ -119,7 +120,7 @@ class RollConfig:
 
     lam: float = 0.0
     C: float = 0.0
-    gamma: Union[float, str] = 100.0
+    gamma: float | str = 100.0
     approx: int | None = None
     estimator: str = "axes"
     memory_budget: int | None = None

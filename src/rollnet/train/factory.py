@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -133,11 +133,11 @@ def make_regularizer(cfg: TrainConfig, generator: torch.Generator | None) -> ROL
     r = cfg.roll
     if r.lam == 0:
         return None
-    gamma: float | str = r.gamma
+    gamma: float | Literal["max"] = "max" if r.gamma == "max" else float(r.gamma)
+    estimator: Literal["axes", "gaussian"] = "gaussian" if r.estimator == "gaussian" else "axes"
     try:
-        return ROLLLoss(lam=r.lam, C=r.C, gamma=gamma, approx=r.approx,  # type: ignore[arg-type]
-                        estimator=r.estimator, memory_budget=r.memory_budget,  # type: ignore[arg-type]
-                        generator=generator)
+        return ROLLLoss(lam=r.lam, C=r.C, gamma=gamma, approx=r.approx, estimator=estimator,
+                        memory_budget=r.memory_budget, generator=generator)
     except ValueError as err:
         raise ConfigError(f"roll: {err}") from err
 
