@@ -162,3 +162,8 @@ def test_cuda_request_without_cuda_is_a_clear_error(tmp_path):
         pytest.skip("CUDA is available here")
     with pytest.raises(ConfigError, match="CUDA is not available"):
         train(tiny_config("device=cuda"), tmp_path, log=quiet)
+
+
+def test_data_path_is_only_for_fashion_mnist(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.path is only used by fashion_mnist"):
+        train(tiny_config("data.path=/tmp"), tmp_path, log=quiet)

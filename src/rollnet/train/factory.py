@@ -97,7 +97,9 @@ def make_data(cfg: TrainConfig) -> DataSplits:
         if d.name not in _IMAGE_SETS:
             raise ConfigError(f"data.train_size is supported for {list(_IMAGE_SETS)}, not {d.name!r}")
         options["train_size"] = d.train_size
-    if d.name == "fashion_mnist" and d.path is not None:
+    if d.path is not None:
+        if d.name != "fashion_mnist":
+            raise ConfigError(f"data.path is only used by fashion_mnist, not {d.name!r}")
         options["path"] = d.path
     return load_dataset(d.name, **options)
 

@@ -406,6 +406,8 @@ def _loop(run: _Run, on_step: StepHook | None, resume_from: Checkpoint | None) -
                            disable=not cfg.progress, leave=False, dynamic_ncols=True)
                 with bar:
                     while state.batch < n_batches:
+                        if stop.requested:
+                            raise KeyboardInterrupt
                         idx = order[state.batch * cfg.batch_size : (state.batch + 1) * cfg.batch_size]
                         x = train_split.x[idx].to(run.device)
                         y = train_split.y[idx].to(run.device)
