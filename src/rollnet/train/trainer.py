@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rollnet import __version__
 from rollnet.regularizer import ROLLLoss
 from rollnet.train.checkpoint import (
     Checkpoint,
@@ -136,9 +137,7 @@ class _Run:
 
     # -- checkpoint content ----------------------------------------------------
     def _content(self, record: dict[str, Any] | None, with_trainer: bool) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
-        import rollnet
-
-        trainer: dict[str, Any] = {k: v for k, v in asdict(self.state).items()}
+        trainer: dict[str, Any] = asdict(self.state)
         tensors: dict[str, Tensor] | None = None
         if with_trainer:
             opt_tensors, opt_json = _split_optimizer_state(self.optimizer.state_dict())
@@ -155,7 +154,7 @@ class _Run:
             "data": self.info.to_dict(),
             "trainer": trainer,
             "metrics": record,
-            "rollnet_version": rollnet.__version__,
+            "rollnet_version": __version__,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         return content, tensors
@@ -433,9 +432,9 @@ def _loop(run: _Run, on_step: StepHook | None, resume_from: Checkpoint | None) -
                 if is_best:
                     state.best = {"epoch": record["epoch"], "step": state.step, "metric": cfg.select_on,
                                   "value": float(record[cfg.select_on])}
-                last = run.save("last", record)
-                if is_best:
+                if is_best:  # best first: an interruption in between then leaves both consistent
                     best = run.save("best", record)
+                last = run.save("last", record)
                 run.metrics.append(record)
                 run.log(run.describe(record, is_best))
     except KeyboardInterrupt:
