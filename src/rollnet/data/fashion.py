@@ -56,6 +56,9 @@ def find_fashion_mnist(path: str | os.PathLike[str] | None = None) -> Path:
 
     Raises:
         DataSetMissingError: when the chosen directory lacks one of the four files.
+
+    >>> find_fashion_mnist()  # doctest: +SKIP
+    PosixPath('/usr/share/datasets/fashion-mnist')
     """
     if path is not None:
         where, why = Path(path), "the path given"

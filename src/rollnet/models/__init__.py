@@ -40,6 +40,9 @@ def build_model(arch: str, input_shape: Sequence[int], num_classes: int, **optio
 
     Raises:
         ValueError: unknown architecture, or a ResNet on non-image inputs.
+
+    >>> type(build_model("resnet", (1, 28, 28), 10, width=4)).__name__
+    'ResNet'
     """
     if arch == "mlp":
         return MLP(input_shape, num_classes, **options)

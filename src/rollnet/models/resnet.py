@@ -119,7 +119,12 @@ def resnet18(
     stem_stride: int = 1,
     normalization: tuple[float, float] | None = None,
 ) -> ResNet:
-    """ResNet-18 layout (2, 2, 2, 2 basic blocks) with an average-pool stem; see :class:`ResNet`."""
+    """ResNet-18 layout (2, 2, 2, 2 basic blocks) with an average-pool stem; see :class:`ResNet`.
+
+    >>> net = resnet18(in_channels=1, num_classes=10, width=4)
+    >>> sum(isinstance(m, BasicBlock) for m in net.modules())
+    8
+    """
     return ResNet(
         in_channels, num_classes, width, (2, 2, 2, 2),
         stem_kernel=stem_kernel, stem_stride=stem_stride, normalization=normalization,

@@ -135,6 +135,14 @@ def save_checkpoint(
         weights: the model's ``state_dict``.
         trainer_tensors: optimiser tensors and RNG states (``None`` for a weights-only checkpoint).
         content: JSON-serialisable manifest content (config, data, trainer state, metrics).
+
+    >>> import tempfile
+    >>> run = Path(tempfile.mkdtemp())
+    >>> path = save_checkpoint(run, "best", 7, weights={"w": torch.ones(2)}, trainer_tensors=None,
+    ...                        content={"config": {}, "data": {}})
+    >>> checkpoint = load_manifest(run)  # a run directory means its best.json
+    >>> checkpoint.manifest["step"], load_tensors(checkpoint, "weights")["w"]
+    (7, tensor([1., 1.]))
     """
     directory.mkdir(parents=True, exist_ok=True)
     files: dict[str, dict[str, str]] = {}

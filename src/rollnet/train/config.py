@@ -215,7 +215,11 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def valid_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
-    """Every settable dotted key, e.g. ``["name", "seed", ..., "data.name", ...]``."""
+    """Every settable dotted key, e.g. ``["name", "seed", ..., "data.name", ...]``.
+
+    >>> "optim.lr" in valid_keys() and "roll.lam" in valid_keys()
+    True
+    """
     keys: list[str] = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -306,6 +310,9 @@ def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:
 
     Raises:
         ConfigError: unknown key (listing the valid ones) or a value of the wrong type.
+
+    >>> config_from_dict({"epochs": 3, "roll": {"lam": 2, "C": 1}}).roll.C
+    1.0
     """
     result: TrainConfig = _build(TrainConfig, values, "")
     return result
@@ -316,6 +323,9 @@ def load_config(path: str | Path) -> TrainConfig:
 
     Raises:
         ConfigError: unreadable file, bad syntax, unknown key or wrong type.
+
+    >>> load_config("configs/mnist_roll_c1.json").roll.lam  # doctest: +SKIP
+    2.0
     """
     path = Path(path)
     try:
@@ -349,6 +359,9 @@ def apply_overrides(cfg: TrainConfig, overrides: Iterable[str]) -> TrainConfig:
 
     Raises:
         ConfigError: malformed setting, unknown key (listing the valid ones) or wrong type.
+
+    >>> apply_overrides(TrainConfig(), ["data.name=moons", "roll.approx=null"]).data.name
+    'moons'
     """
     values = config_to_dict(cfg)
     keys = set(valid_keys())
@@ -368,6 +381,10 @@ def apply_overrides(cfg: TrainConfig, overrides: Iterable[str]) -> TrainConfig:
 
 
 def config_diff(a: TrainConfig, b: TrainConfig) -> dict[str, tuple[Any, Any]]:
-    """``key -> (value in a, value in b)`` for every dotted key whose values differ."""
+    """``key -> (value in a, value in b)`` for every dotted key whose values differ.
+
+    >>> config_diff(TrainConfig(), apply_overrides(TrainConfig(), ["epochs=5"]))
+    {'epochs': (20, 5)}
+    """
     fa, fb = _flatten(config_to_dict(a)), _flatten(config_to_dict(b))
     return {k: (fa[k], fb[k]) for k in fa if fa[k] != fb[k]}

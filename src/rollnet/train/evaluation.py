@@ -148,6 +148,17 @@ def evaluate_checkpoint(
             that do not fit the architecture, or data that differ from the
             ones it was trained on).
         ValueError: unknown split.
+
+    Example:
+        >>> import tempfile
+        >>> from rollnet.train import TrainConfig, apply_overrides, train
+        >>> cfg = apply_overrides(TrainConfig(), ["data.name=moons", "data.n=200", "model.hidden=[8]",
+        ...                                       "epochs=1", "progress=false", "val_margin_samples=0"])
+        >>> run = tempfile.mkdtemp()
+        >>> _ = train(cfg, run, log=lambda m: None)
+        >>> report = evaluate_checkpoint(run, split="test")
+        >>> report.n, sorted(report.margins["raw"]["l2"])
+        (30, ['P100', 'P25', 'P50', 'P75'])
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
@@ -198,7 +209,13 @@ def to_markdown(reports: Sequence[RegionReport]) -> str:
 
 
 def describe(reports: Sequence[RegionReport]) -> str:
-    """A sentence saying what the table holds (split, size, units, precision)."""
+    """A sentence saying what the table holds (split, size, units, precision).
+
+    >>> r = RegionReport("m", "test", 5, 1.0, 1, 1, "normalized", {"normalized": 1.0, "pixel": 0.3},
+    ...                  {}, "float64", 0.0)
+    >>> describe([r]).split(";")[0]
+    'test split, 5 examples'
+    """
     if not reports:
         return ""
     r = reports[0]
@@ -211,5 +228,10 @@ def describe(reports: Sequence[RegionReport]) -> str:
 
 
 def to_json(reports: Sequence[RegionReport], extra: dict[str, Any] | None = None) -> str:
-    """The reports as JSON (``{"reports": [...], ...extra}``)."""
+    """The reports as JSON (``{"reports": [...], ...extra}``).
+
+    >>> r = RegionReport("m", "test", 1, 1.0, 1, 1, "raw", {"raw": 1.0}, {}, "float64", 0.0)
+    >>> json.loads(to_json([r], {"note": "x"}))["reports"][0]["model"]
+    'm'
+    """
     return json.dumps({"reports": [asdict(r) for r in reports], **(extra or {})}, indent=1, allow_nan=True) + "\n"

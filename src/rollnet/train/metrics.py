@@ -56,6 +56,10 @@ def margins(
     """``[M]`` lp margins of ``x`` ``[M, *input_shape]``, in the model's input units, on the CPU.
 
     See :func:`rollnet.margin`; computed ``batch_size`` examples at a time.
+
+    >>> net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> margins(net, torch.randn(5, 3), p=2, batch_size=2).shape
+    torch.Size([5])
     """
     parts = []
     for i in range(0, x.shape[0], batch_size):
