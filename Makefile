@@ -26,7 +26,7 @@ data:
 demo: $(STAMP)
 	$(PY) -m rollnet.demo
 
-test: $(STAMP)
+test: $(STAMP) data
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m mypy
 	$(PY) -m pytest -q

@@ -1,0 +1,21 @@
+"""Small, fast configurations for the trainer, checkpoint and CLI tests (tests/zoo.py is the shared one)."""
+
+from __future__ import annotations
+
+from rollnet.train import TrainConfig, apply_overrides
+
+
+def tiny_config(*overrides: str) -> TrainConfig:
+    """Digits (8x8), a 2 x 32 MLP with dropout and the approximate ROLL term: every source of
+    randomness the trainer must restore on resume (batch order, dropout, the regulariser's directions)."""
+    base = [
+        "name=tiny", "data.name=digits", "model.hidden=[32,32]", "model.dropout=0.1",
+        "epochs=2", "batch_size=64", "progress=false", "val_margin_samples=20",
+        "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9",
+        "roll.lam=0.5", "roll.C=1", "roll.approx=4", "roll.estimator=gaussian",
+    ]
+    return apply_overrides(TrainConfig(), [*base, *overrides])
+
+
+def quiet(message: str) -> None:
+    """A log function that drops everything."""

@@ -1,0 +1,169 @@
+"""The trainer: exact resume, Ctrl-C, divergence, held-out selection, metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+
+import pytest
+import torch
+
+from rollnet.train import CheckpointError, ConfigError, load_manifest, train
+from rollnet.train.checkpoint import load_tensors
+from tests.train.helpers import quiet, tiny_config
+
+
+def _weights(run_dir, kind="last"):
+    return load_tensors(load_manifest(run_dir / f"{kind}.json"), "weights")
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def _interrupt_at(step_to_stop):
+    def hook(step, model):
+        if step == step_to_stop:
+            raise KeyboardInterrupt
+
+    return hook
+
+
+def _strip_times(history):
+    return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in history]
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "stop_at"),
+    [("sgd", 7), ("sgd", 19), ("adam", 11)],  # mid-epoch, at the epoch boundary (19 steps/epoch), Adam
+)
+def test_resume_gives_exactly_the_same_weights(tmp_path, optimizer, stop_at):
+    cfg = tiny_config(f"optim.name={optimizer}", "optim.lr=0.01" if optimizer == "adam" else "optim.lr=0.05")
+    straight = train(cfg, tmp_path / "straight", log=quiet)
+    assert straight.status == "finished" and straight.state.step == 38
+
+    first = train(cfg, tmp_path / "resumed", on_step=_interrupt_at(stop_at), log=quiet)
+    assert first.status == "interrupted" and first.state.step == stop_at
+    assert load_manifest(tmp_path / "resumed" / "last.json").manifest["step"] == stop_at
+    second = train(cfg, tmp_path / "resumed", resume=True, log=quiet)
+    assert second.status == "finished" and second.state.step == 38
+
+    _assert_same_weights(_weights(tmp_path / "straight"), _weights(tmp_path / "resumed"))
+    _assert_same_weights(_weights(tmp_path / "straight", "best"), _weights(tmp_path / "resumed", "best"))
+    assert _strip_times(second.state.history) == _strip_times(straight.state.history)
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+
+
+def test_resume_is_not_trivially_equal(tmp_path):
+    """The comparison above can fail: another seed gives other weights."""
+    train(tiny_config(), tmp_path / "a", log=quiet)
+    train(tiny_config("seed=1"), tmp_path / "b", log=quiet)
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_can_extend_epochs_but_not_change_the_model(tmp_path):
+    cfg = tiny_config("epochs=1", "roll.lam=0")
+    train(cfg, tmp_path, log=quiet)
+    with pytest.raises(ConfigError, match=r"model\.hidden"):
+        train(tiny_config("epochs=1", "roll.lam=0", "model.hidden=[16]"), tmp_path, resume=True, log=quiet)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(cfg, tmp_path, log=quiet)
+    longer = train(tiny_config("epochs=2", "roll.lam=0"), tmp_path, resume=True, log=quiet)
+    assert longer.status == "finished" and len(longer.state.history) == 2
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(tiny_config(), tmp_path, resume=True, log=quiet)
+
+
+def test_sigint_finishes_the_step_saves_and_restores_the_handler(tmp_path):
+    def hook(step, model):
+        if step == 5:
+            signal.raise_signal(signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    result = train(tiny_config("roll.lam=0"), tmp_path, on_step=hook, log=quiet)
+    assert result.status == "interrupted" and result.state.step == 5
+    assert load_manifest(tmp_path / "last.json").manifest["step"] == 5
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = tiny_config("roll.lam=0", "epochs=1")
+    train(cfg, tmp_path, log=quiet)
+    good = (tmp_path / "last.json").read_bytes()
+    good_weights = _weights(tmp_path)
+
+    def poison(step, model):
+        if step == 21:  # two steps into epoch 2
+            with torch.no_grad():
+                next(model.parameters())[0, 0] = math.nan
+
+    messages: list[str] = []
+    result = train(tiny_config("roll.lam=0", "epochs=3"), tmp_path, resume=True, on_step=poison,
+                   log=messages.append)
+    assert result.status == "diverged"
+    assert result.state.step == 21
+    assert "nan" in result.message and "kept the last good checkpoint" in result.message
+    assert any("diverged" in m for m in messages)
+    assert (tmp_path / "last.json").read_bytes() == good
+    _assert_same_weights(_weights(tmp_path), good_weights)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_best_checkpoint_is_chosen_on_validation(tmp_path):
+    result = train(tiny_config("roll.lam=0", "epochs=3", "optim.lr=0.5"), tmp_path, log=quiet)
+    history = result.state.history
+    best = load_manifest(tmp_path / "best.json")
+    best_acc = max(r["val_acc"] for r in history)
+    first_best = next(r for r in history if r["val_acc"] == best_acc)
+    assert best.manifest["metrics"]["val_acc"] == best_acc
+    assert best.manifest["metrics"]["epoch"] == first_best["epoch"]
+    assert best.file("trainer") is None  # weights only
+    assert not any("test" in k for r in history for k in r)
+
+
+def test_metrics_lines_hold_loss_accuracy_and_margin_percentiles(tmp_path):
+    train(tiny_config(), tmp_path, log=quiet)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        for key in ("train_loss", "train_ce", "train_reg", "train_acc", "val_loss", "val_acc"):
+            assert math.isfinite(r[key])
+        assert r["train_reg"] > 0
+        margins = r["val_margin_l2"]
+        assert set(margins) == {"normalized", "pixel"}
+        p = margins["normalized"]
+        assert 0 < p["P25"] <= p["P50"] <= p["P75"] <= p["P100"]
+        assert math.isclose(margins["pixel"]["P50"], p["P50"] * 0.3763, rel_tol=1e-6)
+    assert json.loads((tmp_path / "config.json").read_text())["data"]["name"] == "digits"
+
+
+def test_training_leaves_the_callers_random_state_alone(tmp_path):
+    state = torch.get_rng_state()
+    train(tiny_config("epochs=1"), tmp_path, log=quiet)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_one_log_line_per_epoch(tmp_path):
+    lines: list[str] = []
+    train(tiny_config(), tmp_path, log=lines.append)
+    assert sum(line.startswith("epoch ") for line in lines) == 2
+
+
+def test_cuda_request_without_cuda_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        train(tiny_config("device=cuda"), tmp_path, log=quiet)
+
+
+def test_data_path_is_only_for_fashion_mnist(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.path is only used by fashion_mnist"):
+        train(tiny_config("data.path=/tmp"), tmp_path, log=quiet)
