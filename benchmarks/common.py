@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import platform
@@ -92,7 +93,7 @@ class PaperMLP(nn.Module):
     def __init__(self, widths: tuple[int, ...] = (300, 300, 300, 300), d: int = 784, out: int = 10) -> None:
         super().__init__()
         sizes = [d, *widths]
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
         self.out = nn.Linear(sizes[-1], out)
 
     def neurons(self, x: Tensor) -> Tensor:
