@@ -44,6 +44,8 @@ class NeuronGroup:
         tangents: ``[K, B, n]`` derivatives of the values along the K input
             directions, or ``None`` in a pass without directions.  May have
             stride 0 along the batch dimension.
+        squared_norms: ``[B, n]`` squared l2 norms of the neuron gradients, when
+            the pass computes them by a Gram recursion instead of tangents.
         pattern: ``[B, m]`` the group's part of the activation pattern: ``bool``
             signs for ReLU-like units, ``int64`` selected indices for max units.
         always_on: ``True`` for max-unit differences, which must stay >= 0 (a
@@ -58,6 +60,7 @@ class NeuronGroup:
     tangents: Tensor | None
     pattern: Tensor
     always_on: bool = False
+    squared_norms: Tensor | None = None
 
     def signs(self) -> Tensor:
         """``[B, n]`` +1 for neurons that are on, -1 for those that are off."""
@@ -116,7 +119,7 @@ class Trace:
         entry = self._entries.get(id(value))
         return entry is not None and entry[0]() is value
 
-    def tangent(self, value: Tensor) -> Tensor | None:
+    def tangent(self, value: Tensor) -> Any:
         """Tangent ``[K, *value.shape]`` of a tracked tensor (None in a pass without directions)."""
         entry = self._entries.get(id(value))
         if entry is None or entry[0]() is not value:
@@ -129,9 +132,13 @@ class Trace:
             return self._unit.get(id(value))
         return None
 
-    def track(self, value: Tensor, tangent: Tensor | None, *, unit: Tensor | None = None) -> None:
-        """Mark ``value`` as depending on the input, with the given tangent."""
-        if tangent is not None and tangent.shape[1:] != value.shape:
+    def track(self, value: Tensor, tangent: Any, *, unit: Tensor | None = None) -> None:
+        """Mark ``value`` as depending on the input, with the given tangent.
+
+        ``tangent`` is a ``[K, *value.shape]`` tensor, ``None`` in a pass
+        without directions, or a :class:`~rollnet.engine.gram.GramTangent`.
+        """
+        if isinstance(tangent, Tensor) and tangent.shape[1:] != value.shape:
             raise RuntimeError(
                 f"internal error: tangent {tuple(tangent.shape)} for a tensor {tuple(value.shape)}"
             )
@@ -147,7 +154,9 @@ class Trace:
 
         self.live_bytes -= sizes.pop(key, 0)
         if tangent is not None:
-            nbytes = tangent.numel() * tangent.element_size()
+            nbytes = (
+                tangent.numel() * tangent.element_size() if isinstance(tangent, Tensor) else int(tangent.nbytes)
+            )
             sizes[key] = nbytes
             self.live_bytes += nbytes
             self.peak_bytes = max(self.peak_bytes, self.live_bytes)
@@ -173,6 +182,7 @@ class Trace:
         pattern: Tensor,
         *,
         always_on: bool = False,
+        squared_norms: Tensor | None = None,
     ) -> None:
         """Report one group of neurons (values ``[B, n]``, tangents ``[K, B, n]``)."""
         group = NeuronGroup(
@@ -183,6 +193,7 @@ class Trace:
             tangents=tangents,
             pattern=pattern,
             always_on=always_on,
+            squared_norms=squared_norms,
         )
         self.num_groups += 1
         self.observer.neurons(group)
@@ -264,7 +275,7 @@ def run_traced(
     x: Tensor,
     observer: NeuronObserver,
     *,
-    tangent: Tensor | None,
+    tangent: Any,
     unit: Tensor | None = None,
     allow_batch_statistics: bool = False,
 ) -> tuple[Tensor, Trace]:
@@ -294,7 +305,8 @@ def run_traced(
             f"the model must return one tensor of logits [B, L]; it returned {type(out).__name__}"
         )
     if trace.is_tracked(out):
-        observer.output(out, trace.tangent(out))
+        t_out = trace.tangent(out)
+        observer.output(out, t_out if isinstance(t_out, Tensor) else None)
     else:
-        observer.output(out, None if tangent is None else out.new_zeros((tangent.shape[0], *out.shape)))
+        observer.output(out, out.new_zeros((tangent.shape[0], *out.shape)) if isinstance(tangent, Tensor) else None)
     return out, trace

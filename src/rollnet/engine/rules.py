@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rollnet.engine.capture import Trace, _iter_values, op_name
+from rollnet.engine.gram import GramTangent, GramUnsupported
 
 __all__ = ["RULES", "Rule", "dispatch", "register"]
 
@@ -66,6 +67,10 @@ def dispatch(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwar
     """Apply the rule for ``func``; refuse what has no rule."""
     rule = RULES.get(func)
     if rule is not None:
+        if rule not in GRAM_AWARE and any(
+            isinstance(trace.tangent(t), GramTangent) for t in _tracked_tensors(trace, args, kwargs)
+        ):
+            raise GramUnsupported(op_name(func))
         return rule(trace, func, args, kwargs)
     name = _name(func)
     if name in _METADATA:
@@ -171,6 +176,38 @@ _STRUCTURAL = [
 ]
 
 
+# Ops that keep the row-major order of the elements: the tangent is reshaped alike.
+_ORDER_PRESERVING = {
+    torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.flatten, torch.flatten,
+    torch.Tensor.unflatten, torch.unflatten, torch.Tensor.squeeze, torch.squeeze,
+    torch.Tensor.unsqueeze, torch.unsqueeze, torch.Tensor.contiguous, torch.Tensor.clone,
+    torch.clone, torch.Tensor.view_as, torch.Tensor.reshape_as,
+}
+
+
+def reshape(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Reshapes: the tangent of each direction is reshaped the same way (no vmap needed)."""
+    x = args[0] if args else kwargs.get("input")
+    if not isinstance(x, Tensor) or not trace.is_tracked(x) or len(_tracked_tensors(trace, args, kwargs)) != 1:
+        return structural(trace, func, args, kwargs)
+    _check_float(trace, func, [x])
+    result = func(*args, **kwargs)
+    t = trace.tangent(x)
+    if isinstance(t, GramTangent):
+        # the input's identity Gram survives flattening to [B, D]; other reshapes leave the chain
+        if not ((t.identity and result.dim() == 2) or result.shape == x.shape):
+            raise GramUnsupported("reshape inside the network")
+        trace.track(result, t)
+    elif t is None:
+        trace.track(result, None)
+    elif _batch_shared(t) and result.dim() > 0 and result.shape[0] == t.shape[1] == x.shape[0]:
+        k = t.shape[0]
+        trace.track(result, t[:, :1].reshape(k, 1, *result.shape[1:]).expand(k, *result.shape))
+    else:
+        trace.track(result, t.reshape(t.shape[0], *result.shape))
+    return result
+
+
 @register(*_STRUCTURAL)
 def structural(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Ops linear in their input-dependent tensors, with no constant term."""
@@ -202,6 +239,9 @@ def structural(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kw
     tangent = _vmapped(fn, *[t for t in tangents if t is not None])
     _track_results(trace, result, tangent)
     return result
+
+
+register(*_ORDER_PRESERVING)(reshape)
 
 
 @register(F.pad, torch.constant_pad_nd)
@@ -380,6 +420,11 @@ def linear(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs
     if t is None:
         trace.track(result, None)
         return result
+    if isinstance(t, GramTangent):
+        if x.dim() != 2:
+            raise GramUnsupported("linear layer on a tensor with more than one feature dimension")
+        trace.track(result, t.linear(weight))
+        return result
     unit = trace.unit_indices(x)
     if unit is not None and x.dim() == 2:
         # The Jacobian of the first affine layer is its weight matrix: e_k -> W[:, k].
@@ -494,6 +539,11 @@ def batch_norm(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kw
     scale = torch.rsqrt(var + bound["eps"])
     if bound["weight"] is not None:
         scale = scale * bound["weight"]
+    if isinstance(t, GramTangent):
+        if x.dim() != 2:
+            raise GramUnsupported("batch normalisation of feature maps")
+        trace.track(result, t.scaled(scale))
+        return result
     shape = [1, 1, -1] + [1] * (x.dim() - 2)
     trace.track(result, t * scale.reshape(shape))
     return result
@@ -546,7 +596,10 @@ def dropout(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwarg
     else:
         mask = func(template, float(bound["p"]), True)
     result = x * mask
-    trace.track(result, None if t is None else t * mask)
+    if isinstance(t, GramTangent):
+        trace.track(result, t.scaled(mask))
+    else:
+        trace.track(result, None if t is None else t * mask)
     return result
 
 
@@ -580,6 +633,14 @@ def _activation(
     result = func(*args, **kwargs)
     on = z.detach() > 0
     values = z.reshape(b, -1)
+    if isinstance(t, GramTangent):
+        if x.dim() != 2:
+            raise GramUnsupported("activation on a tensor with more than one feature dimension")
+        ones = torch.ones((), dtype=x.dtype, device=x.device)
+        slopes = torch.where(on, ones, ones * slope)
+        trace.emit(op, values, None, on.reshape(b, -1), squared_norms=t.diagonal().expand(b, -1))
+        trace.track(result, t.scaled(slopes))
+        return result
     tangents = None if t is None else t.flatten(2)
     trace.emit(op, values, tangents, on.reshape(b, -1))
     if t is None:
@@ -607,6 +668,9 @@ def leaky_relu(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kw
     )
     return _activation(trace, "leaky_relu", func, args, kwargs, slope, in_place)
 
+
+#: Rules that accept a :class:`GramTangent` (the chain the Gram recursion handles).
+GRAM_AWARE: set[Rule] = {linear, reshape, batch_norm, dropout, relu, leaky_relu}
 
 # Max units (MaxPool, maxout) live in their own module and register into RULES on import.
 from rollnet.engine import max_units as _max_units  # noqa: E402, F401
