@@ -139,3 +139,23 @@ def test_bad_arguments() -> None:
         rollnet.ROLLLoss(1.0, 1.0, approx=2, estimator="sobol")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="approx"):
         rollnet.ROLLLoss(1.0, 1.0, approx=0)
+
+
+def test_return_output_is_the_training_forward() -> None:
+    model, shape = make("conv_bn", seed=1)
+    model.train()
+    x = torch.randn(8, *shape, dtype=torch.float64)
+    twin, _ = make("conv_bn", seed=1)
+    twin.train()
+    roll = rollnet.ROLLLoss(1.0, 0.5)
+    term, logits = roll(model, x, return_output=True)
+    torch.manual_seed(0)
+    expected_logits = twin(x)  # a plain training forward: Dropout and BatchNorm statistics
+    del expected_logits
+    torch.testing.assert_close(model.bn1.running_mean, twin.bn1.running_mean)  # updated once, like a forward
+    torch.testing.assert_close(model.bn1.running_var, twin.bn1.running_var)
+    model.eval()
+    twin.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rollnet.ROLLLoss(1.0, 0.5)(model, x), rollnet.ROLLLoss(1.0, 0.5)(twin, x))
+    assert logits.shape == (8, 3) and logits.requires_grad and term.requires_grad

@@ -13,13 +13,22 @@ keeping its gradient small: a large l2 margin |z_j| / ||grad z_j||_2.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, overload
 
 import torch
 from torch import Tensor, nn
 
 from rollnet.certify import check_input
-from rollnet.engine.gradients import Request, collect, given_directions, unit_directions
+from rollnet.engine.gradients import (
+    Collected,
+    Directions,
+    Request,
+    collect,
+    given_directions,
+    plan_chunks,
+    sampled_axes,
+    unit_directions,
+)
 
 __all__ = ["ROLLLoss"]
 
@@ -89,41 +98,67 @@ class ROLLLoss(nn.Module):
         self.estimator = estimator
         self.memory_budget = memory_budget
         self.generator = generator
+        # chunk plans per (model, input shape, batch, dtype): saves a probe pass per step
+        self._plans: dict[tuple[int, tuple[int, ...], str], tuple[int, int]] = {}
 
     def extra_repr(self) -> str:
         extra = f", approx={self.approx}, estimator={self.estimator!r}" if self.approx else ""
         return f"lam={self.lam}, C={self.C}, gamma={self.gamma!r}{extra}"
 
-    def neuron_terms(self, model: nn.Module, x: Tensor) -> Tensor:
-        """``[B, N]`` the bracketed term of every neuron (before top-gamma selection)."""
-        x = check_input(x)
+    def _directions(self, x: Tensor) -> tuple[Directions, float]:
         in_shape = x.shape[1:]
         d = math.prod(in_shape)
         if self.approx is None:
-            directions = unit_directions(in_shape)
-            scale = 1.0
-        elif self.estimator == "axes":
-            k = self.approx
-            idx = torch.randint(0, d, (k, x.shape[0]), generator=self.generator).to(x.device)
-            vectors = torch.zeros(k, x.shape[0], d, dtype=x.dtype, device=x.device)
-            vectors.scatter_(2, idx.unsqueeze(-1), 1.0)
-            directions = given_directions(vectors.reshape(k, *x.shape), x)
-            scale = d / k
-        else:
-            k = self.approx
-            vectors = torch.randn(k, *x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
-            directions = given_directions(vectors, x)
-            scale = 1.0 / k
+            return unit_directions(in_shape), 1.0
+        k = self.approx
+        if self.estimator == "axes":
+            idx = torch.randint(0, d, (k, x.shape[0]), generator=self.generator)
+            return sampled_axes(idx), d / k
+        vectors = torch.randn(k, *x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
+        return given_directions(vectors, x), 1.0 / k
+
+    def _collect(self, model: nn.Module, x: Tensor, update_running_stats: bool) -> tuple[Collected, Tensor]:
+        x = check_input(x)
+        directions, scale = self._directions(x)
+        key = (id(model), tuple(x.shape), f"{x.dtype}{x.device}{model.training}")
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = plan_chunks(model, x, directions, self.memory_budget, allow_batch_statistics=True)
+            self._plans = {key: plan}  # keep only the latest shape
         with torch.enable_grad():
-            got = collect(model, x, directions, Request(squared_l2=True),
-                          memory_budget=self.memory_budget, allow_batch_statistics=True)
+            got = collect(model, x, directions, Request(squared_l2=True), memory_budget=self.memory_budget,
+                          allow_batch_statistics=True, plan=plan, update_running_stats=update_running_stats)
         assert got.squared_l2 is not None
         squared = got.squared_l2 if scale == 1.0 else got.squared_l2 * scale
-        return squared + self.C * torch.relu(1.0 - got.values.abs())
+        return got, squared + self.C * torch.relu(1.0 - got.values.abs())
 
-    def forward(self, model: nn.Module, x: Tensor) -> Tensor:
-        """The term for a batch ``x`` ``[B, *input_shape]``: a scalar, mean over the batch."""
-        terms = self.neuron_terms(model, x)
+    def neuron_terms(self, model: nn.Module, x: Tensor) -> Tensor:
+        """``[B, N]`` the bracketed term of every neuron (before top-gamma selection)."""
+        return self._collect(model, x, update_running_stats=False)[1]
+
+    @overload
+    def forward(self, model: nn.Module, x: Tensor) -> Tensor: ...
+
+    @overload
+    def forward(self, model: nn.Module, x: Tensor, return_output: Literal[False]) -> Tensor: ...
+
+    @overload
+    def forward(self, model: nn.Module, x: Tensor, return_output: Literal[True]) -> tuple[Tensor, Tensor]: ...
+
+    def forward(self, model: nn.Module, x: Tensor, return_output: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The term for a batch ``x`` ``[B, *input_shape]``: a scalar, mean over the batch.
+
+        With ``return_output=True``, also returns the model's output from the
+        same pass, ``(term, logits)``, so the training loss needs no second
+        forward: ``term, logits = roll(model, x, return_output=True)``.  That
+        pass then counts as the training forward: BatchNorm updates its
+        running statistics in it.
+        """
+        got, terms = self._collect(model, x, update_running_stats=return_output)
+        term = self._reduce(terms)
+        return (term, got.output) if return_output else term
+
+    def _reduce(self, terms: Tensor) -> Tensor:
         n = terms.shape[1]
         if terms.shape[0] == 0 or n == 0:
             return terms.sum() * 0.0

@@ -97,10 +97,12 @@ class Trace:
         observer: NeuronObserver,
         *,
         allow_batch_statistics: bool = False,
+        update_running_stats: bool = False,
     ) -> None:
         self.batch_size = batch_size
         self.observer = observer
         self.allow_batch_statistics = allow_batch_statistics
+        self.update_running_stats = update_running_stats
         self.module_stack: list[str] = []
         self.num_groups = 0
         # id(tensor) -> (weak reference to the tensor, tangent or None)
@@ -165,6 +167,14 @@ class Trace:
             self._unit[key] = unit
         else:
             self._unit.pop(key, None)
+
+    def release(self) -> None:
+        """Drop every tangent: tensors that outlive the pass (neuron values kept by an
+        observer, the output) must not keep the pass's tangents alive."""
+        self._entries.clear()
+        self._unit.clear()
+        self._sizes.clear()
+        self.live_bytes = 0
 
     # -- reporting ----------------------------------------------------------
     @property
@@ -278,6 +288,7 @@ def run_traced(
     tangent: Any,
     unit: Tensor | None = None,
     allow_batch_statistics: bool = False,
+    update_running_stats: bool = False,
 ) -> tuple[Tensor, Trace]:
     """Run ``model(x)`` once, reporting neurons and the output to ``observer``.
 
@@ -296,10 +307,21 @@ def run_traced(
         The model's output ``[B, ...]`` and the finished :class:`Trace`
         (its ``peak_bytes`` says how much tangent memory the pass held).
     """
-    trace = Trace(x.shape[0], observer, allow_batch_statistics=allow_batch_statistics)
+    trace = Trace(
+        x.shape[0], observer, allow_batch_statistics=allow_batch_statistics,
+        update_running_stats=update_running_stats,
+    )
     trace.track(x, tangent, unit=unit)
-    with _module_paths(model, trace.module_stack), _TracingMode(trace):
-        out = model(x)
+    try:
+        with _module_paths(model, trace.module_stack), _TracingMode(trace):
+            out = model(x)
+        _report_output(trace, observer, out, tangent)
+    finally:
+        trace.release()
+    return out, trace
+
+
+def _report_output(trace: Trace, observer: NeuronObserver, out: Any, tangent: Any) -> None:
     if not isinstance(out, Tensor):
         raise TypeError(
             f"the model must return one tensor of logits [B, L]; it returned {type(out).__name__}"
@@ -309,4 +331,3 @@ def run_traced(
         observer.output(out, t_out if isinstance(t_out, Tensor) else None)
     else:
         observer.output(out, out.new_zeros((tangent.shape[0], *out.shape)) if isinstance(tangent, Tensor) else None)
-    return out, trace

@@ -428,8 +428,8 @@ def linear(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs
     unit = trace.unit_indices(x)
     if unit is not None and x.dim() == 2:
         # The Jacobian of the first affine layer is its weight matrix: e_k -> W[:, k].
-        rows = weight.t()[unit]
-        tangent = rows.unsqueeze(1).expand(rows.shape[0], x.shape[0], rows.shape[1])
+        rows = weight.t()[unit]  # [K, F] shared, or [K, B, F] one axis per example
+        tangent = rows if unit.dim() == 2 else rows.unsqueeze(1).expand(rows.shape[0], x.shape[0], rows.shape[1])
     elif _batch_shared(t):
         out = F.linear(t[:, :1], weight)
         tangent = out.expand(t.shape[0], t.shape[1], *out.shape[2:])
@@ -528,7 +528,10 @@ def batch_norm(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kw
         # the running statistics are left alone (the loss's own forward updates them).
         dims = [d for d in range(x.dim()) if d != 1]
         var = x.detach().var(dim=dims, unbiased=False)
-        result = F.batch_norm(x, None, None, bound["weight"], bound["bias"], True, 0.0, bound["eps"])
+        if trace.update_running_stats:
+            result = func(*args, **kwargs)
+        else:
+            result = F.batch_norm(x, None, None, bound["weight"], bound["bias"], True, 0.0, bound["eps"])
     else:
         var = bound["running_var"]
         result = func(*args, **kwargs)
