@@ -437,12 +437,10 @@ def _collect_gram(
     for b0 in range(0, x.shape[0], bc):
         xb = x[b0 : b0 + bc]
         obs = _ChunkObserver(request, d, xb.shape[0])
-        traced(model, xb, obs, tangent=GramTangent(identity=True, width=d))
         # rows cost ~ D * sum(F_in * F_out); the Gram recursion ~ sum(F_in^2 * F_out):
         # worth it while the layers are narrower than the input
-        widest = max((g.size for g in obs.groups), default=0)
-        if only_if_cheaper and b0 == 0 and widest * 2 > d:
-            raise GramUnsupported("layers as wide as the input: rows are cheaper")
+        limit = d // 2 if only_if_cheaper else None
+        traced(model, xb, obs, tangent=GramTangent(identity=True, width=d, max_width=limit))
         chunks.append(obs)
     return _assemble(chunks, request, x)
 

@@ -39,6 +39,9 @@ class GramTangent:
         scale: ``[B, F]`` per-example row/column scaling (activation slopes,
             BatchNorm scales), or ``None``.
         identity: the input itself (G = I): ``left``/``right`` are unused.
+        width: with ``identity``, the input dimension D.
+        max_width: refuse (:class:`GramUnsupported`) layers wider than this,
+            where propagating gradient rows is cheaper.
     """
 
     def __init__(
@@ -49,11 +52,13 @@ class GramTangent:
         *,
         identity: bool = False,
         width: int = 0,
+        max_width: int | None = None,
     ) -> None:
         self.left = left
         self.right = right
         self.scale = scale
         self.identity = identity
+        self.max_width = max_width
         self.width = width if identity else int(left.shape[1])  # type: ignore[union-attr]
 
     @property
@@ -83,15 +88,17 @@ class GramTangent:
             raise GramUnsupported("scaling the input directly")
         s = s if s.dim() == 2 else s.unsqueeze(0)
         scale = s if self.scale is None else self.scale * s
-        return GramTangent(self.left, self.right, scale)
+        return GramTangent(self.left, self.right, scale, max_width=self.max_width)
 
     def linear(self, weight: Tensor) -> GramTangent:
         """The Gram of W J for ``weight`` ``[F', F]``."""
+        if self.max_width is not None and weight.shape[0] > self.max_width:
+            raise GramUnsupported("a layer as wide as the input: gradient rows are cheaper")
         if self.identity:
             if weight.shape[1] != self.width:
                 raise GramUnsupported("the first layer does not read the whole input")
             w = weight.unsqueeze(0)
-            return GramTangent(w, w)
+            return GramTangent(w, w, max_width=self.max_width)
         assert self.left is not None and self.right is not None
         out_width, in_width = weight.shape
         inner = self.left.shape[-1]
@@ -100,8 +107,8 @@ class GramTangent:
         compose = 2 * out_width * inner
         materialise = in_width * inner + out_width * in_width
         if compose <= materialise:
-            return GramTangent(torch.matmul(w, self.left), torch.matmul(w, self.right))
+            return GramTangent(torch.matmul(w, self.left), torch.matmul(w, self.right), max_width=self.max_width)
         g = torch.matmul(self.left, self.right.transpose(-1, -2))
         if self.scale is not None:
             g = g * self.scale.unsqueeze(-1) * self.scale.unsqueeze(-2)
-        return GramTangent(torch.matmul(weight, g), weight.unsqueeze(0))
+        return GramTangent(torch.matmul(weight, g), weight.unsqueeze(0), max_width=self.max_width)
