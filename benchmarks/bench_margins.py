@@ -73,6 +73,18 @@ def main() -> None:
         assert close >= 0.9, f"margins disagree with torch.func ({close:.0%} agree)"
         rows.append([name, "2 (autograd)", f"{t_auto * 1e3:.0f} ms", "1.0x", "", "", ""])
         rows.append([name, "2 (jacfwd+vmap)", f"{t_jac * 1e3:.0f} ms", "", "1.00x", "", ""])
+    # max units: the same residual net with max-pooling instead of average pooling
+    avg = SmallResNet(pool="avg").eval()
+    mx = SmallResNet(pool="max").eval()
+    mx.load_state_dict(avg.state_dict())
+    x = torch.rand(args.batch, 1, 28, 28)
+    t_avg = timeit(lambda: rollnet.margin(avg, x, p=2), repeat=repeat)
+    t_max = timeit(lambda: rollnet.margin(mx, x, p=2), repeat=repeat)
+    n_avg = rollnet.LinearRegions(avg, x[:1]).num_neurons
+    n_max = rollnet.LinearRegions(mx, x[:1]).num_neurons
+    rows.append(["residual conv, avg-pool head", "2", f"{t_avg * 1e3:.0f} ms", "", "", "", f"{n_avg} neurons"])
+    rows.append(["residual conv, max-pool head", "2", f"{t_max * 1e3:.0f} ms", "", "", "",
+                 f"{n_max} neurons, {t_max / t_avg:.2f}x the avg-pool time"])
     print(table(
         f"rollnet.margin, batch {args.batch}, float32",
         ["model", "p", "time", "speed-up vs per-neuron autograd", "speed-up vs jacfwd", "GFLOP/s", "of matmul"],
