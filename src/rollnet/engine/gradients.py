@@ -247,7 +247,7 @@ class _ChunkObserver:
         req = self.request
         if t is None:
             if group.squared_norms is not None:  # a Gram pass: squared l2 norms only
-                self._accumulate_squared(i, group.squared_norms)
+                self._accumulate_squared(group.squared_norms)
             return
         for q in req.norms:
             part = _reduce_over_directions(t.detach(), q)
@@ -273,7 +273,8 @@ class _ChunkObserver:
                 self.rows.append(full)
             self.rows[i][:, :, self.k0 : self.k0 + block.shape[2]] = block
 
-    def _accumulate_squared(self, i: int, squared: Tensor) -> None:
+    def _accumulate_squared(self, squared: Tensor) -> None:
+        """A Gram pass runs once per batch chunk, so each group arrives once."""
         if 2.0 in self.request.norms:
             self.norms[2.0].append(squared.detach())
         if self.request.squared_l2:

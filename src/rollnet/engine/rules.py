@@ -213,9 +213,9 @@ def structural(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kw
     """Ops linear in their input-dependent tensors, with no constant term."""
     tracked = _tracked_tensors(trace, args, kwargs)
     _check_float(trace, func, tracked)
-    result = func(*args, **kwargs)
     if func in (torch.Tensor.squeeze_, torch.Tensor.unsqueeze_):
         raise trace.refuse(op_name(func), "in-place reshapes are not supported; use the out-of-place form")
+    result = func(*args, **kwargs)
     tangents = [trace.tangent(t) for t in tracked]
     if tangents[0] is None:
         _track_results(trace, result, None)
@@ -458,9 +458,7 @@ def add_product(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], k
     tracked = [m for m in (m1, m2) if trace.is_tracked(m)]
     if len(tracked) != 1:
         raise trace.refuse(op_name(func), "a product of two input-dependent tensors is not piecewise linear")
-    beta = kwargs.get("beta", 1)
-    alpha = kwargs.get("alpha", 1)
-    del beta
+    alpha = kwargs.get("alpha", 1)  # beta only scales the constant term
     result = func(*args, **kwargs)
     t = trace.tangent(tracked[0])
     if t is None:
