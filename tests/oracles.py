@@ -84,9 +84,12 @@ def sample_ball(n: int, shape: tuple[int, ...], p: float, gen: torch.Generator, 
     return (u * scale).reshape(n, *shape)
 
 
-def worst_direction(g: Tensor, z: float, p: float) -> Tensor:
-    """The unit-lp direction that moves neuron (z, g) fastest towards its hyperplane."""
-    s = 1.0 if z > 0 else -1.0
+def worst_direction(g: Tensor, z: float, p: float, always_on: bool = False) -> Tensor:
+    """The unit-lp direction that moves neuron (z, g) fastest towards its hyperplane.
+
+    ``always_on``: a max-unit difference, which is on even at z = 0 (a tie).
+    """
+    s = 1.0 if (always_on or z > 0) else -1.0
     if p == 2.0:
         return -s * g / g.norm()
     if p == math.inf:

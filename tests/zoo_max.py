@@ -398,17 +398,3 @@ def neurons(model: Recording, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         gs.append(torch.stack(g_rows).reshape(b, -1, *x.shape[1:]))
         kinds.append(torch.ones(zs[-1].shape[1], dtype=torch.bool))
     return torch.cat(zs, 1), torch.cat(gs, 1), torch.cat(kinds)
-
-
-def worst_direction(g: Tensor, z: float, p: float, always_on: bool) -> Tensor:
-    """Unit-lp direction moving neuron (z, g) fastest towards its hyperplane."""
-    s = 1.0 if (always_on or z > 0) else -1.0
-    if p == 2.0:
-        return -s * g / g.norm()
-    if p == math.inf:
-        return -s * torch.sign(g)
-    flat = g.flatten()
-    k = int(flat.abs().argmax())
-    u = torch.zeros_like(flat)
-    u[k] = -s * torch.sign(flat[k])
-    return u.reshape(g.shape)
