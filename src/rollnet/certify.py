@@ -111,6 +111,13 @@ def _resolve_target(target: Target, output: Tensor) -> Tensor:
     return idx
 
 
+def _target_gradient(rows: Tensor, output: Tensor, target: Target, x_shape: torch.Size) -> Tensor:
+    """The target logit's row of the output Jacobian ``rows`` ``[B, L, D]`` (or ``[B, D]``), shaped like x."""
+    idx = _resolve_target(target, output)
+    picked = rows if rows.dim() == 2 else rows[torch.arange(rows.shape[0], device=rows.device), idx]
+    return picked.reshape(x_shape)
+
+
 class LinearRegions:
     """The linear regions around a batch of inputs: compute once, ask many things.
 
@@ -228,13 +235,7 @@ class LinearRegions:
         """Gradient of the target logit, shaped like x (Captum's ``target`` rules)."""
         full = self._all_axes()
         assert full.output_rows is not None
-        idx = _resolve_target(target, full.output)
-        rows = full.output_rows
-        if rows.dim() == 2:  # scalar output per example
-            picked = rows
-        else:
-            picked = rows[torch.arange(rows.shape[0], device=rows.device), idx]
-        return picked.reshape(self.x.shape)
+        return _target_gradient(full.output_rows, full.output, target, self.x.shape)
 
     def neuron_gradients(self) -> tuple[Tensor, Tensor]:
         """``(z [B, N], grads [B, N, *input_shape])``: every neuron's value and input gradient."""
@@ -437,10 +438,7 @@ def certified_saliency(
         got = collect(model, x, unit_directions(x.shape[1:]), Request(norms=(q,), output=True),
                       memory_budget=memory_budget)
     assert got.output_rows is not None
-    idx = _resolve_target(target, got.output)
-    rows = got.output_rows
-    picked = rows if rows.dim() == 2 else rows[torch.arange(rows.shape[0], device=rows.device), idx]
-    return picked.reshape(x.shape), _margin_from(got.values, got.norms[q])
+    return _target_gradient(got.output_rows, got.output, target, x.shape), _margin_from(got.values, got.norms[q])
 
 
 def _batches(data: Any, batch_size: int) -> Iterable[Tensor]:

@@ -209,6 +209,11 @@ class Trace:
         self.observer.neurons(group)
 
 
+def batch_shared(t: Tensor) -> bool:
+    """True if a tangent ``[K, B, ...]`` is the same for every example (stride 0 along B)."""
+    return t.dim() >= 2 and t.shape[1] > 1 and t.stride(1) == 0
+
+
 def op_name(func: Callable[..., Any]) -> str:
     """A readable name for a torch callable (``torch.nn.functional.gelu``, ``Tensor.sigmoid``)."""
     name = getattr(func, "__name__", repr(func))

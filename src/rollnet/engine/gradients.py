@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rollnet.engine.capture import NeuronGroup, run_traced
+from rollnet.engine.capture import NeuronGroup, batch_shared, run_traced
 from rollnet.engine.gram import GramTangent, GramUnsupported
 
 __all__ = [
@@ -179,13 +179,9 @@ class Collected:
     output_rows: Tensor | None = None
 
 
-def _shared(t: Tensor) -> bool:
-    return t.shape[1] > 1 and t.stride(1) == 0
-
-
 def _reduce_over_directions(t: Tensor, q: float) -> Tensor:
     """Partial dual-norm statistic of ``t`` ``[K, B, n]`` over K (sum of |.|^q or max)."""
-    if _shared(t):
+    if batch_shared(t):
         return _reduce_over_directions(t[:, :1], q).expand(t.shape[1:])
     if q == 1.0:
         return t.abs().sum(0)
@@ -308,9 +304,15 @@ def plan_chunks(
     allow_batch_statistics: bool = False,
 ) -> tuple[int, int]:
     """Chunk sizes (examples, directions) that :func:`collect` would use, from one probe pass."""
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
     with torch.no_grad():
-        return _plan(model, x, directions, budget, allow_batch_statistics)
+        return _plan(model, x, directions, _budget(memory_budget), allow_batch_statistics)
+
+
+def _budget(memory_budget: int | None) -> int:
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    if budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    return budget
 
 
 def _plan(
@@ -387,9 +389,7 @@ def collect(
     """
     if method not in ("auto", "gram", "rows"):
         raise ValueError(f"method must be 'auto', 'gram' or 'rows', got {method!r}")
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
-    if budget <= 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    budget = _budget(memory_budget)
     b = x.shape[0]
     k_total = 0 if directions is None else directions.count
     if directions is None:

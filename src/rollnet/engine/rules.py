@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rollnet.engine.capture import Trace, _iter_values, op_name
+from rollnet.engine.capture import Trace, _iter_values, batch_shared, op_name
 from rollnet.engine.gram import GramTangent, GramUnsupported
 
 __all__ = ["RULES", "Rule", "dispatch", "register"]
@@ -103,11 +103,6 @@ def _tracked_tensors(trace: Trace, args: tuple[Any, ...], kwargs: dict[str, Any]
     return [v for v in values if trace.is_tracked(v)]
 
 
-def _batch_shared(t: Tensor) -> bool:
-    """True if a tangent ``[K, B, ...]`` is the same for every example (stride 0 along B)."""
-    return t.dim() >= 2 and t.shape[1] > 1 and t.stride(1) == 0
-
-
 def _per_sample(
     fn: Callable[[Tensor], Tensor], t: Tensor
 ) -> Tensor:
@@ -117,7 +112,7 @@ def _per_sample(
     computed once and expanded back.
     """
     k, b = t.shape[0], t.shape[1]
-    if _batch_shared(t):
+    if batch_shared(t):
         out = fn(t[:, :1].flatten(0, 1))
         return out.unflatten(0, (k, 1)).expand(k, b, *out.shape[1:])
     out = fn(t.flatten(0, 1))
@@ -200,7 +195,7 @@ def reshape(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwarg
         trace.track(result, t)
     elif t is None:
         trace.track(result, None)
-    elif _batch_shared(t) and result.dim() > 0 and result.shape[0] == t.shape[1] == x.shape[0]:
+    elif batch_shared(t) and result.dim() > 0 and result.shape[0] == t.shape[1] == x.shape[0]:
         k = t.shape[0]
         trace.track(result, t[:, :1].reshape(k, 1, *result.shape[1:]).expand(k, *result.shape))
     else:
@@ -430,7 +425,7 @@ def linear(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs
         # The Jacobian of the first affine layer is its weight matrix: e_k -> W[:, k].
         rows = weight.t()[unit]  # [K, F] shared, or [K, B, F] one axis per example
         tangent = rows if unit.dim() == 2 else rows.unsqueeze(1).expand(rows.shape[0], x.shape[0], rows.shape[1])
-    elif _batch_shared(t):
+    elif batch_shared(t):
         out = F.linear(t[:, :1], weight)
         tangent = out.expand(t.shape[0], t.shape[1], *out.shape[2:])
     else:
