@@ -82,3 +82,69 @@ def test_non_chain_models_fall_back_or_refuse() -> None:
     auto = collect(net, x, unit_directions((30,)), Request(norms=(2.0,)))  # falls back to rows
     _, g = rollnet.neuron_gradients(net, x)
     torch.testing.assert_close(auto.norms[2.0], g.norm(dim=2))
+
+
+def _sparse_mlp() -> MLP:
+    """A ReLU MLP whose neurons are mostly off, so the Gram pass works on active columns only."""
+    torch.manual_seed(1)
+    net = MLP([40, 16, 14, 12, 3]).double().eval()
+    with torch.no_grad():
+        for layer in net.layers[:-1]:
+            layer.bias.sub_(1.5)  # most pre-activations negative
+    return net
+
+
+def test_active_column_gram_matches_autograd_with_dead_examples() -> None:
+    net = _sparse_mlp()
+    x = torch.randn(7, 40, dtype=torch.float64)
+    x[3] = -100.0 * net.layers[0].weight.sum(0).sign()  # drives a whole example's first layer off or far on
+    x[5] = 0.0  # every first-layer neuron off (biases < 0): all later gradients vanish
+    z, g = autograd_gradients(net, x)
+    active = (z > 0).reshape(7, -1)
+    assert active.double().mean() < 0.5 and not active[5].any()
+    gram = collect(net, x, unit_directions((40,)), Request(norms=(2.0,)), method="gram").norms[2.0]
+    torch.testing.assert_close(gram, g.flatten(2).norm(dim=2), rtol=1e-10, atol=1e-14)
+
+
+def test_active_column_gram_with_every_neuron_off() -> None:
+    net = _sparse_mlp()
+    with torch.no_grad():
+        net.layers[1].bias.fill_(-1e6)  # layer 2 is off for every example: nothing reaches layers 3 and 4
+    x = torch.randn(4, 40, dtype=torch.float64)
+    _, g = autograd_gradients(net, x)
+    gram = collect(net, x, unit_directions((40,)), Request(norms=(2.0,)), method="gram").norms[2.0]
+    torch.testing.assert_close(gram, g.flatten(2).norm(dim=2), rtol=1e-10, atol=1e-14)
+    assert gram[:, 16 + 14 :].abs().max() == 0
+
+
+def test_active_column_gram_gradcheck() -> None:
+    """The ROLL squared norms from active columns are differentiable in the weights (finite differences)."""
+    net = _sparse_mlp()
+    x = torch.randn(5, 40, dtype=torch.float64)
+    names = [n for n, _ in net.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for p in net.parameters())
+
+    def squared(*ps: torch.Tensor) -> torch.Tensor:
+        state = dict(zip(names, ps, strict=True))
+
+        class Call(nn.Module):
+            def forward(self, inp: torch.Tensor) -> torch.Tensor:
+                return torch.func.functional_call(net, state, (inp,))
+
+        got = collect(Call(), x, unit_directions((40,)), Request(squared_l2=True), method="gram")
+        assert got.squared_l2 is not None
+        return got.squared_l2
+
+    assert torch.autograd.gradcheck(squared, params, eps=1e-6, atol=1e-6)
+
+
+def test_gram_chunks_agree() -> None:
+    """A tiny budget forces one-example chunks, then re-chunking from the first chunk's memory."""
+    net = _sparse_mlp()
+    x = torch.randn(9, 40, dtype=torch.float64)
+    dirs = unit_directions((40,))
+    whole = collect(net, x, dirs, Request(norms=(2.0,)), method="gram")
+    for budget in (1, 20_000, 200_000):
+        part = collect(net, x, dirs, Request(norms=(2.0,)), method="gram", memory_budget=budget)
+        torch.testing.assert_close(part.norms[2.0], whole.norms[2.0], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(part.values, whole.values, rtol=1e-12, atol=1e-14)

@@ -403,7 +403,7 @@ def collect(
     )
     if method != "rows" and _gram_applies(request, directions, x):
         try:
-            return _collect_gram(model, x, request, bc, traced, method == "auto")
+            return _collect_gram(model, x, request, bc, budget, traced, method == "auto")
         except GramUnsupported:
             if method == "gram":
                 raise
@@ -430,19 +430,38 @@ def collect(
 
 
 def _collect_gram(
-    model: nn.Module, x: Tensor, request: Request, bc: int, traced: Callable[..., Any], only_if_cheaper: bool
+    model: nn.Module,
+    x: Tensor,
+    request: Request,
+    bc: int,
+    budget: int,
+    traced: Callable[..., Any],
+    only_if_cheaper: bool,
 ) -> Collected:
-    """Squared l2 norms by the Gram recursion (see :mod:`rollnet.engine.gram`)."""
+    """Squared l2 norms by the Gram recursion (see :mod:`rollnet.engine.gram`).
+
+    ``bc`` (sized for gradient rows) serves the first chunk; the Gram factors
+    are usually much smaller than the rows, so the remaining examples are
+    re-chunked from the memory that first chunk actually held.
+    """
     d = math.prod(x.shape[1:])
+    b = x.shape[0]
     chunks = []
-    for b0 in range(0, x.shape[0], bc):
+    b0 = 0
+    while b0 < b:
         xb = x[b0 : b0 + bc]
         obs = _ChunkObserver(request, d, xb.shape[0])
         # rows cost ~ D * sum(F_in * F_out); the Gram recursion ~ sum(F_in^2 * F_out):
         # worth it while the layers are narrower than the input
         limit = d // 2 if only_if_cheaper else None
-        traced(model, xb, obs, tangent=GramTangent(identity=True, width=d, max_width=limit))
+        _, trace = traced(model, xb, obs, tangent=GramTangent(identity=True, width=d, max_width=limit))
         chunks.append(obs)
+        if b0 == 0 and xb.shape[0] < b:
+            per_example = max(trace.peak_bytes // xb.shape[0], 1) * _TEMPORARIES
+            bigger = max(bc, min(budget, _WORKING_SET) // per_example)
+            rest = b - xb.shape[0]
+            bc = math.ceil(rest / math.ceil(rest / bigger))  # even chunks
+        b0 += xb.shape[0]
     return _assemble(chunks, request, x)
 
 
