@@ -8,9 +8,17 @@ Measured in one run, on whatever this machine has (CPU by default):
 - ROLL approximate through the engine (k = 3 random input axes per example);
 - ROLL exact with every neuron's input gradient taken by its own
   back-propagation (``torch.autograd.grad`` per neuron with
-  ``create_graph=True``, batched over examples), in the same loss.
+  ``create_graph=True``, batched over examples), in the same loss;
+- ROLL exact the way the official implementation computes it (its
+  ``fc_margin.py``, re-expressed here): a fixed template of the zero image and
+  the D one-hot images per example goes through every layer, first layer
+  included, with the example's ReLU masks, and the zero image's output is
+  subtracted; plus that gradient pass alone (forward and backward of the term)
+  against ours alone;
+- ROLL approximate (k = 3 axes) hand-written in plain torch for this MLP: the
+  floor a specialised implementation reaches, against the engine's generic pass.
 
-A step is forward, loss, backward and an SGD update.  The two exact
+A step is forward, loss, backward and an SGD update.  The three exact
 variants are checked to compute the same loss and parameter gradients
 before anything is timed.  Usage: ``python benchmarks/bench_training.py
 [--device cuda] [--backprop-steps N]``.
@@ -57,6 +65,68 @@ def roll_by_backprop(model: nn.Module, x: Tensor, lam: float, c: float) -> tuple
     return logits, lam * terms.mean(dim=1).mean()
 
 
+class OfficialStyle:
+    """The official implementation's exact ROLL term (MIT-licensed ``fc_margin.py``), re-expressed.
+
+    Per example it pushes a template of D + 1 images (zero, then the D one-hot
+    images), built once, through every Linear layer, multiplies by the
+    example's ReLU masks, and takes the differences to the zero image's output
+    as the neurons' input gradients.
+    """
+
+    def __init__(self, model: nn.Module, batch: int, d: int, device: torch.device) -> None:
+        self.linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        template = torch.zeros(batch, d + 1, d, device=device)
+        template[:, 1:, :] = torch.eye(d, device=device)
+        self.template = template.view(-1, d)
+        self.batch, self.d = batch, d
+
+    def __call__(self, x: Tensor, lam: float, c: float) -> tuple[Tensor, Tensor]:
+        """Logits and the exact ROLL term (gamma = 100)."""
+        hidden, last = self.linears[:-1], self.linears[-1]
+        h, zs, masks = x.flatten(1), [], []
+        for layer in hidden:
+            z = layer(h)
+            zs.append(z)
+            masks.append(z > 0)
+            h = F.relu(z)
+        logits = last(h)
+        squared = []
+        t = self.template
+        for i, layer in enumerate(hidden):
+            t = layer(t.view(-1, t.shape[-1])).view(self.batch, self.d + 1, -1)
+            squared.append((t[:, 1:, :] - t[:, :1, :]).square().sum(dim=1))
+            if i < len(hidden) - 1:
+                t = t * masks[i].view(self.batch, 1, -1).float()
+        terms = torch.cat(squared, dim=1) + c * F.relu(1.0 - torch.cat(zs, dim=1).abs())
+        return logits, lam * terms.mean(dim=1).mean()
+
+
+def roll_approx_by_hand(model: nn.Module, x: Tensor, lam: float, c: float, k: int,
+                        generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Logits and the approximate ROLL term (k axes per example, scaled by D / k), in plain torch.
+
+    Written for this MLP only: the first layer's tangents are weight columns,
+    each hidden layer pushes k tangents per example in one matmul.
+    """
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    h = x.flatten(1)
+    b, d = h.shape
+    axes = torch.randint(0, d, (b, k), generator=generator).to(x.device)
+    z = linears[0](h)
+    tangent = linears[0].weight.t()[axes]  # [B, k, F]
+    zs, squared = [], []
+    for i, layer in enumerate(linears[1:]):
+        zs.append(z)
+        squared.append(tangent.square().sum(dim=1))
+        mask = (z > 0).to(z.dtype)
+        z = layer(z * mask)
+        if i < len(linears) - 2:
+            tangent = (tangent * mask.unsqueeze(1)) @ layer.weight.t()
+    terms = torch.cat(squared, dim=1) * (d / k) + c * F.relu(1.0 - torch.cat(zs, dim=1).abs())
+    return z, lam * terms.mean(dim=1).mean()
+
+
 def make_steps(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Callable[[], Tensor]]:
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.5, nesterov=True)
     exact = ROLLLoss(LAM, C)
@@ -76,26 +146,59 @@ def make_steps(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Callable[[],
         logits, term = roll_by_backprop(model, x, LAM, C)
         return update(F.cross_entropy(logits, y) + term)
 
+    official = OfficialStyle(model, x.shape[0], x[0].numel(), x.device)
+
+    def official_step() -> Tensor:
+        logits, term = official(x, LAM, C)
+        return update(F.cross_entropy(logits, y) + term)
+
+    def official_pass() -> Tensor:
+        _, term = official(x, LAM, C)
+        term.backward()
+        return term.detach()
+
+    def engine_pass() -> Tensor:
+        term = exact(model, x)
+        term.backward()
+        return term.detach()
+
+    hand_generator = torch.Generator().manual_seed(0)
+
+    def hand() -> Tensor:
+        logits, term = roll_approx_by_hand(model, x, LAM, C, 3, hand_generator)
+        return update(F.cross_entropy(logits, y) + term)
+
     return {
         "vanilla": lambda: update(F.cross_entropy(model(x), y)),
-        "ROLL exact (engine, forward mode)": lambda: update(F.cross_entropy(model(x), y) + exact(model, x)),
+        "ROLL exact (engine, forward mode)": lambda: one_pass(exact),
         "ROLL approximate, k=3 axes (engine)": lambda: update(F.cross_entropy(model(x), y) + approx(model, x)),
         "ROLL approximate, k=3 axes, one pass (return_output)": lambda: one_pass(approx),
+        "ROLL approximate, k=3 axes, hand-written plain torch for this MLP": hand,
         "ROLL exact (per-neuron back-propagation)": backprop,
+        "ROLL exact (official implementation's one-hot template pass)": official_step,
+        "exact term alone, forward + backward: engine": engine_pass,
+        "exact term alone, forward + backward: official-style": official_pass,
     }
 
 
-def check_same_loss(model: nn.Module, x: Tensor) -> tuple[float, float]:
-    """Relative differences of the exact term and of its parameter gradients, engine vs back-propagation."""
+def check_same_loss(model: nn.Module, x: Tensor) -> dict[str, tuple[float, float]]:
+    """Relative differences of the exact term and of its parameter gradients: engine vs each reference."""
     # the output layer's parameters do not enter the term (logits are not neurons)
     params = [p for name, p in model.named_parameters() if not name.startswith("layers.9.")]
     engine = ROLLLoss(LAM, C)(model, x)
     g_engine = torch.autograd.grad(engine, params)
-    _, reference = roll_by_backprop(model, x, LAM, C)
-    g_ref = torch.autograd.grad(reference, params)
-    loss_diff = abs(float(engine.detach()) - float(reference.detach())) / abs(float(reference.detach()))
-    grad_diff = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(g_engine, g_ref, strict=True))
-    return loss_diff, grad_diff
+    references = {
+        "per-neuron back-propagation": roll_by_backprop(model, x, LAM, C)[1],
+        "official-style template pass": OfficialStyle(model, x.shape[0], x[0].numel(), x.device)(x, LAM, C)[1],
+    }
+    diffs = {}
+    for name, reference in references.items():
+        g_ref = torch.autograd.grad(reference, params)
+        loss_diff = abs(float(engine.detach()) - float(reference.detach())) / abs(float(reference.detach()))
+        grad_diff = max(float((a - b).norm() / b.norm().clamp_min(1e-30))
+                        for a, b in zip(g_engine, g_ref, strict=True))
+        diffs[name] = (loss_diff, grad_diff)
+    return diffs
 
 
 def time_step(step: Callable[[], Tensor], repeats: int, device: torch.device) -> float:
@@ -113,6 +216,20 @@ def time_step(step: Callable[[], Tensor], repeats: int, device: torch.device) ->
     return statistics.median(times)
 
 
+def approx_flop_floor(model: nn.Module, k: int) -> float:
+    """Matmul work of the approximate step over a vanilla step's (both counted per example).
+
+    Vanilla: every layer forward, its weight gradient, and the input gradient of
+    all layers but the first.  The term adds, for each hidden layer after the
+    first, k tangents forward and their weight and input gradients backward
+    (the first layer's tangents are weight columns: no matmul).
+    """
+    macs = [m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
+    vanilla = 2 * sum(macs) + sum(macs[1:])
+    extra = 3 * k * sum(macs[1:-1])
+    return (vanilla + extra) / vanilla
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -125,27 +242,39 @@ def main() -> None:
     y = torch.randint(0, 10, (64,), device=device)
 
     started = time.perf_counter()
-    loss_diff, grad_diff = check_same_loss(model, x)
-    assert loss_diff < 1e-4 and grad_diff < 1e-3, (loss_diff, grad_diff)
-    repeats = {"vanilla": 50, "ROLL exact (engine, forward mode)": 3, "ROLL approximate, k=3 axes (engine)": 20,
-               "ROLL approximate, k=3 axes, one pass (return_output)": 20,
-               "ROLL exact (per-neuron back-propagation)": args.backprop_steps}
-    seconds = {name: time_step(step, repeats[name], device) for name, step in make_steps(model, x, y).items()}
+    checks = check_same_loss(model, x)
+    for name, (loss_diff, grad_diff) in checks.items():
+        assert loss_diff < 1e-4 and grad_diff < 1e-3, (name, loss_diff, grad_diff)
+    steps = make_steps(model, x, y)
+    slow = {"ROLL exact (per-neuron back-propagation)": args.backprop_steps,
+            "ROLL exact (official implementation's one-hot template pass)": 5,
+            "exact term alone, forward + backward: official-style": 5}
+    repeats = {name: slow.get(name, 50 if name == "vanilla" else 20) for name in steps}
+    seconds = {name: time_step(step, repeats[name], device) for name, step in steps.items()}
 
     vanilla = seconds["vanilla"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"MLP 784-300x4-10 (1,200 neurons), batch 64, lambda {LAM}, C {C}; device {device}, "
           f"{torch.get_num_threads()} threads, load average {load:.2f}")
-    print(f"check: exact term engine vs back-propagation: loss rel. diff {loss_diff:.1e}, "
-          f"parameter-gradient rel. diff {grad_diff:.1e}\n")
-    print("| step | median time (ms) | ratio to vanilla | timed steps |")
+    for name, (loss_diff, grad_diff) in checks.items():
+        print(f"check: exact term, engine vs {name}: loss rel. diff {loss_diff:.1e}, "
+              f"parameter-gradient rel. diff {grad_diff:.1e}")
+    print("\n| step | median time (ms) | ratio to vanilla | timed steps |")
     print("|---|---|---|---|")
     for name, s in seconds.items():
         print(f"| {name} | {s * 1e3:.1f} | {s / vanilla:.1f} | {repeats[name]} |")
     exact = seconds["ROLL exact (engine, forward mode)"]
-    print(f"\nexact / approximate (k=3): {exact / seconds['ROLL approximate, k=3 axes (engine)']:.1f}x; "
+    approx = seconds["ROLL approximate, k=3 axes, one pass (return_output)"]
+    print(f"\nexact / approximate (k=3, one pass): {exact / approx:.1f}x; "
           f"per-neuron back-propagation / engine (exact): "
           f"{seconds['ROLL exact (per-neuron back-propagation)'] / exact:.1f}x")
+    print(f"official-style exact step / engine exact step: "
+          f"{seconds['ROLL exact (official implementation' + chr(39) + 's one-hot template pass)'] / exact:.1f}x; "
+          f"official-style gradient pass / engine gradient pass (forward + backward of the term alone): "
+          f"{seconds['exact term alone, forward + backward: official-style'] / seconds['exact term alone, forward + backward: engine']:.1f}x")
+    hand = seconds["ROLL approximate, k=3 axes, hand-written plain torch for this MLP"]
+    print(f"approximate step, k=3: engine {approx / vanilla:.1f}x vanilla, hand-written plain torch "
+          f"{hand / vanilla:.1f}x; matmul-work floor (FLOP count, no overhead) {approx_flop_floor(model, 3):.1f}x")
     print(f"(paper, GPU: exact about 2x vanilla, approximate about 9x faster than exact, forward mode about "
           f"12x faster than back-propagation)\ntotal benchmark time {time.perf_counter() - started:.0f} s")
 

@@ -109,3 +109,32 @@ def test_in_place_on_a_view_is_refused() -> None:
 def test_every_registered_rule_is_callable() -> None:
     assert len(RULES) > 100
     assert all(callable(rule) for rule in RULES.values())
+
+
+@pytest.mark.parametrize("flatten", ["module", "view", "none"])
+def test_first_layer_reads_unit_tangents_off_its_weight_after_flattening(flatten: str) -> None:
+    """Sampled input axes reach the first Linear as weight columns, not as a one-hot matmul.
+
+    Counted by the profiler: a dense first-layer tangent would cost 2*K*B*D*F FLOPs.
+    """
+    from torch.profiler import profile
+
+    from rollnet.engine.gradients import Request, collect, sampled_axes
+
+    torch.manual_seed(0)
+    head = {"module": [nn.Flatten()], "view": [nn.Unflatten(1, (4, 49)), nn.Flatten()], "none": []}[flatten]
+    net = nn.Sequential(*head, nn.Linear(196, 50), nn.ReLU(), nn.Linear(50, 3)).double()
+    shape = (4, 49) if flatten == "module" else (196,)
+    x = torch.randn(8, *shape, dtype=torch.float64)
+    k = 5
+    axes = torch.randint(0, 196, (k, 8))
+    with profile(with_flops=True) as prof:
+        got = collect(net, x, sampled_axes(axes), Request(squared_l2=True), plan=(8, k))
+    flops = sum(event.flops for event in prof.key_averages())
+    primal = 2 * 8 * (196 * 50 + 50 * 3)
+    assert 0 < flops < primal + 2 * k * 8 * 196 * 50 // 10  # far below a dense first-layer tangent
+    # and the result is the oracle's: the squared gradient entries at the sampled axes
+    first = net[len(head)]
+    grads = first.weight.detach().t()[axes]  # [K, B, 50]: first-layer neurons' gradients along the axes
+    assert got.squared_l2 is not None
+    torch.testing.assert_close(got.squared_l2[:, :50], grads.square().sum(0))

@@ -129,7 +129,8 @@ class Trace:
         return entry[1]
 
     def unit_indices(self, value: Tensor) -> Tensor | None:
-        """If ``value`` is the input and its tangents are unit vectors e_k, their indices k."""
+        """If ``value`` is the input (or a batch-first reshape of it) and its tangents are unit
+        vectors e_k, their indices k (flat per-example coordinates)."""
         if self.is_tracked(value):
             return self._unit.get(id(value))
         return None

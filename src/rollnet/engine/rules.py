@@ -195,11 +195,15 @@ def reshape(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwarg
         trace.track(result, t)
     elif t is None:
         trace.track(result, None)
-    elif batch_shared(t) and result.dim() > 0 and result.shape[0] == t.shape[1] == x.shape[0]:
-        k = t.shape[0]
-        trace.track(result, t[:, :1].reshape(k, 1, *result.shape[1:]).expand(k, *result.shape))
     else:
-        trace.track(result, t.reshape(t.shape[0], *result.shape))
+        batch_first = result.dim() > 0 and result.shape[0] == t.shape[1] == x.shape[0]
+        if batch_shared(t) and batch_first:
+            k = t.shape[0]
+            tangent = t[:, :1].reshape(k, 1, *result.shape[1:]).expand(k, *result.shape)
+        else:
+            tangent = t.reshape(t.shape[0], *result.shape)
+        # unit directions index flat per-example coordinates, which a batch-first reshape keeps
+        trace.track(result, tangent, unit=trace.unit_indices(x) if batch_first else None)
     return result
 
 
