@@ -201,19 +201,29 @@ def check_same_loss(model: nn.Module, x: Tensor) -> dict[str, tuple[float, float
     return diffs
 
 
-def time_step(step: Callable[[], Tensor], repeats: int, device: torch.device) -> float:
-    """Median seconds per step over ``repeats`` timed steps after one warm-up step."""
-    step()
-    times = []
-    for _ in range(repeats):
+def time_steps(steps: dict[str, Callable[[], Tensor]], repeats: dict[str, int],
+               device: torch.device) -> dict[str, float]:
+    """Median seconds per step of each variant, timed round-robin after one warm-up step each.
+
+    Interleaving the variants spreads load changes on a shared machine over
+    all of them, so their ratios stay comparable.
+    """
+    def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t = time.perf_counter()
+
+    for step in steps.values():
         step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(max(repeats.values())):
+        for name, step in steps.items():
+            if r < repeats[name]:
+                sync()
+                t = time.perf_counter()
+                step()
+                sync()
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def approx_flop_floor(model: nn.Module, k: int) -> float:
@@ -250,7 +260,7 @@ def main() -> None:
             "ROLL exact (official implementation's one-hot template pass)": 5,
             "exact term alone, forward + backward: official-style": 5}
     repeats = {name: slow.get(name, 50 if name == "vanilla" else 20) for name in steps}
-    seconds = {name: time_step(step, repeats[name], device) for name, step in steps.items()}
+    seconds = time_steps(steps, repeats, device)
 
     vanilla = seconds["vanilla"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -259,7 +269,7 @@ def main() -> None:
     for name, (loss_diff, grad_diff) in checks.items():
         print(f"check: exact term, engine vs {name}: loss rel. diff {loss_diff:.1e}, "
               f"parameter-gradient rel. diff {grad_diff:.1e}")
-    print("\n| step | median time (ms) | ratio to vanilla | timed steps |")
+    print("\n| step (timed round-robin) | median time (ms) | ratio to vanilla | timed steps |")
     print("|---|---|---|---|")
     for name, s in seconds.items():
         print(f"| {name} | {s * 1e3:.1f} | {s / vanilla:.1f} | {repeats[name]} |")
