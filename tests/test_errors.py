@@ -101,6 +101,17 @@ def test_nan_and_inf_inputs() -> None:
     x[1, 2] = math.inf
     with pytest.raises(ValueError, match=r"examples \[1\]"):
         rollnet.stability_bounds(_mlp(), x)
+    x[1, 2] = -math.inf
+    x[0, 0] = math.inf  # inf - inf: the quick sum check sees NaN, the full check names both examples
+    with pytest.raises(ValueError, match=r"examples \[0, 1\]"):
+        rollnet.margin(_mlp(), x)
+
+
+def test_huge_finite_inputs_are_accepted() -> None:
+    """Finite entries whose sum overflows are valid input (the quick check must fall back)."""
+    x = torch.full((2, 4), 3e38)
+    assert not torch.isfinite(x.sum())
+    assert rollnet.margin(_mlp(), x).shape == (2,)
 
 
 def test_wrong_shapes_name_the_expected_shape() -> None:
