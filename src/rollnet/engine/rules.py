@@ -636,8 +636,7 @@ def _activation(
     if isinstance(t, GramTangent):
         if x.dim() != 2:
             raise GramUnsupported("activation on a tensor with more than one feature dimension")
-        ones = torch.ones((), dtype=x.dtype, device=x.device)
-        slopes = torch.where(on, ones, ones * slope)
+        slopes = on.to(x.dtype) if slope == 0.0 else torch.where(on, x.new_ones(()), x.new_full((), slope))
         trace.emit(op, values, None, on.reshape(b, -1), squared_norms=t.diagonal().expand(b, -1))
         trace.track(result, t.scaled(slopes))
         return result
