@@ -31,8 +31,10 @@ test: $(STAMP) data
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 
+# make bench BENCH_ARGS="--device cuda" on a machine with a GPU
+BENCH_ARGS ?=
 bench: $(STAMP)
-	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f $(BENCH_ARGS) || exit 1; done
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

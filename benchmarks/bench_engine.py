@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rollnet
 from common import (
     PaperMLP,
+    add_device_argument,
     gradient_pass_flops,
     machine,
     margins_by_autograd,
@@ -37,6 +38,7 @@ from common import (
     matmul_rate,
     table,
     timeit,
+    use_device,
 )
 from rollnet.engine.gradients import Request, collect, unit_directions
 
@@ -80,10 +82,26 @@ def peak_memory_child(n: int, budget: int) -> str:
     return f"peak resident memory {after:.0f} MiB ({before:.0f} MiB after importing torch and building the inputs)"
 
 
+def peak_gpu_memory(n: int, budget: int) -> str:
+    """Peak GPU memory allocated by margin() over n inputs (the default device is the GPU)."""
+    torch.manual_seed(0)
+    m = PaperMLP().eval()
+    x = torch.rand(n, 1, 28, 28)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    rollnet.margin(m, x, p=float("inf"), memory_budget=budget)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return f"peak GPU memory allocated {peak / 2**20:.0f} MiB ({before / 2**20:.0f} MiB for the model and inputs)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    add_device_argument(parser)
     args = parser.parse_args()
+    device = use_device(args.device)
     repeat = 1 if args.quick else 3
     torch.manual_seed(0)
     print(f"machine: {machine()}\n")
@@ -95,8 +113,8 @@ def main() -> None:
     d = x[0].numel()
     # the ceiling: the better of one monolithic (D*B) x 300 @ 300 x 300 product (memory-bound at
     # this size) and the same product done in cache-sized blocks of rows, as our pass does
-    monolithic = matmul_rate(d * b, 300, 300)
-    blocked = matmul_rate(8192, 300, 300)
+    monolithic = matmul_rate(d * b, 300, 300, device=str(device))
+    blocked = matmul_rate(8192, 300, 300, device=str(device))
     ceiling = max(monolithic, blocked)
     flops = gradient_pass_flops(model, x)
     t_jac = timeit(lambda: margins_by_jacfwd(model, x), repeat=repeat)
@@ -143,7 +161,7 @@ def main() -> None:
 
     # 3. memory
     print("### memory: margin(p=inf) over 4,096 MNIST-sized inputs, 512 MiB budget\n")
-    print(peak_memory_child(4096, 512 << 20) + "\n")
+    print((peak_memory_child(4096, 512 << 20) if device.type == "cpu" else peak_gpu_memory(4096, 512 << 20)) + "\n")
 
     # 4. scaling
     rows = []

@@ -20,6 +20,7 @@ import rollnet
 from common import (
     PaperMLP,
     SmallResNet,
+    add_device_argument,
     forward_flops,
     gradient_pass_flops,
     machine,
@@ -28,6 +29,7 @@ from common import (
     matmul_rate,
     table,
     timeit,
+    use_device,
 )
 from rollnet.engine.gradients import Request, collect, unit_directions
 from rollnet.engine.gram import GramUnsupported
@@ -46,10 +48,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    add_device_argument(parser)
     args = parser.parse_args()
+    device = use_device(args.device)
     torch.manual_seed(0)
     repeat = 1 if args.quick else 3
-    ceiling = matmul_rate(1024, 1024, 1024)
+    ceiling = matmul_rate(1024, 1024, 1024, device=str(device))
     print(f"machine: {machine()}")
     print(f"same-run 1024x1024 float32 matmul: {ceiling / 1e9:.1f} GFLOP/s\n")
     rows = []

@@ -14,6 +14,7 @@ Run: ``.venv/bin/python benchmarks/bench_maxpool.py``
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -43,25 +44,35 @@ def timed(models: list[nn.Module], x: torch.Tensor, repeats: int = 3) -> list[fl
     The models take turns in every repeat, so that a change of machine load
     affects them alike.
     """
+    def sync() -> None:
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+
     for model in models:
         rollnet.margin(model, x, p=2)
     times: list[list[float]] = [[] for _ in models]
     for _ in range(repeats):
         for i, model in enumerate(models):
+            sync()
             start = time.perf_counter()
             rollnet.margin(model, x, p=2)
+            sync()
             times[i].append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
 
 
 def main() -> None:
-    x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    device = torch.device(parser.parse_args().device)
+    torch.set_default_device(device)
+    x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0), device="cpu").to(device)
     cases = [
         ("2x2, stride 2", lambda: nn.MaxPool2d(2), lambda: nn.AvgPool2d(2)),
         ("3x3, stride 2, padding 1 (overlapping)",
          lambda: nn.MaxPool2d(3, 2, 1), lambda: nn.AvgPool2d(3, 2, 1, count_include_pad=False)),
     ]
-    print(f"rollnet.margin(p=2), batch {x.shape[0]}, 1x28x28, float32, "
+    print(f"rollnet.margin(p=2), batch {x.shape[0]}, 1x28x28, float32, device {device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print()
     print("| pooling | neurons (max / avg) | max-pool s | avg-pool s | ratio max/avg |")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import math
 import os
@@ -27,6 +28,20 @@ def machine() -> str:
         pass
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {dev}"
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device`` (default ``cpu``): where models, inputs and the matmul ceilings live."""
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+
+
+def use_device(name: str) -> torch.device:
+    """Make ``name`` the default device (models and inputs built afterwards land there)."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+    torch.set_default_device(device)
+    return device
 
 
 def timeit(fn: Callable[[], object], repeat: int = 3, warmup: int = 1, min_time: float = 0.0) -> float:

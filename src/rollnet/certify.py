@@ -521,7 +521,7 @@ def _count_distinct_jacobians(
     # Greedy set of pairwise-distinct Jacobians (each differs from all kept by > tol in some
     # entry), found through a sorted random projection: a kept Jacobian within tol of a new one
     # has a projection within tol * ||r||_1 of it.
-    r = torch.randn(flat.shape[1], dtype=flat.dtype, generator=torch.Generator().manual_seed(0))
+    r = torch.randn(flat.shape[1], dtype=flat.dtype, device="cpu", generator=torch.Generator().manual_seed(0))
     proj = (flat @ r.to(flat.device)).tolist()
     window = tol * float(r.abs().sum())
     keys: list[float] = []

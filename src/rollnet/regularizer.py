@@ -105,6 +105,10 @@ class ROLLLoss(nn.Module):
         extra = f", approx={self.approx}, estimator={self.estimator!r}" if self.approx else ""
         return f"lam={self.lam}, C={self.C}, gamma={self.gamma!r}{extra}"
 
+    def _draw_on(self, x: Tensor) -> torch.device:
+        """Random directions are drawn where the generator lives (by default: beside ``x``)."""
+        return self.generator.device if self.generator is not None else x.device
+
     def _directions(self, x: Tensor) -> tuple[Directions, float]:
         in_shape = x.shape[1:]
         d = math.prod(in_shape)
@@ -112,9 +116,9 @@ class ROLLLoss(nn.Module):
             return unit_directions(in_shape), 1.0
         k = self.approx
         if self.estimator == "axes":
-            idx = torch.randint(0, d, (k, x.shape[0]), generator=self.generator)
+            idx = torch.randint(0, d, (k, x.shape[0]), generator=self.generator, device=self._draw_on(x))
             return sampled_axes(idx), d / k
-        vectors = torch.randn(k, *x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
+        vectors = torch.randn(k, *x.shape, generator=self.generator, dtype=x.dtype, device=self._draw_on(x))
         return given_directions(vectors, x), 1.0 / k
 
     def _collect(self, model: nn.Module, x: Tensor, update_running_stats: bool) -> tuple[Collected, Tensor]:
