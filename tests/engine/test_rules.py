@@ -138,3 +138,49 @@ def test_first_layer_reads_unit_tangents_off_its_weight_after_flattening(flatten
     grads = first.weight.detach().t()[axes]  # [K, B, 50]: first-layer neurons' gradients along the axes
     assert got.squared_l2 is not None
     torch.testing.assert_close(got.squared_l2[:, :50], grads.square().sum(0))
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.3])
+def test_linear_after_an_activation_folds_the_slopes_into_its_weight(
+    slope: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With fewer outputs than directions, ``(t * m_b) W^T`` is computed as ``t (W diag(m_b))^T``.
+
+    The path is taken (counted), and neuron gradients and the parameter
+    gradients of their squared norms agree with per-neuron autograd and with
+    the Gram recursion (an independent computation).
+    """
+    from rollnet.engine.gradients import Request, collect, unit_directions
+    from tests.zoo import MLP
+
+    calls: list[int] = []
+    real_bmm = torch.bmm
+
+    def counting_bmm(a: Tensor, b: Tensor) -> Tensor:
+        calls.append(1)
+        return real_bmm(a, b)
+
+    monkeypatch.setattr(torch, "bmm", counting_bmm)
+    torch.manual_seed(1)
+    net = MLP([16, 12, 9, 7, 3], slope=slope).double()
+    x = torch.randn(5, 16, dtype=torch.float64)
+    z, g = autograd_gradients(net, x)
+    got_z, got_g = rollnet.neuron_gradients(net, x)
+    torch.testing.assert_close(got_z, z)
+    torch.testing.assert_close(got_g, g)
+    assert len(calls) == 3  # every layer after an activation (12 -> 9, 9 -> 7, 7 -> 3; 16 directions)
+
+    def parameter_gradients(method: str) -> list[Tensor]:
+        net.zero_grad()
+        got = collect(net, x, unit_directions(x.shape[1:]), Request(squared_l2=True), method=method)
+        assert got.squared_l2 is not None
+        (got.squared_l2 * torch.rand_like(got.squared_l2)).sum().backward()
+        return [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+    torch.manual_seed(2)
+    rows = parameter_gradients("rows")
+    torch.manual_seed(2)
+    gram = parameter_gradients("gram")
+    assert len(rows) == len(gram) == 3  # the weights of the three hidden layers (biases drop out)
+    for a, b in zip(rows, gram, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from rollnet.errors import UnsupportedOperationError
 
-__all__ = ["NeuronGroup", "NeuronObserver", "Trace", "run_traced"]
+__all__ = ["MaskedTangent", "NeuronGroup", "NeuronObserver", "Trace", "run_traced"]
 
 
 @dataclass
@@ -67,6 +67,37 @@ class NeuronGroup:
         if self.always_on:
             return torch.ones_like(self.values)
         return torch.where(self.values > 0, 1.0, -1.0).to(self.values.dtype)
+
+
+class MaskedTangent:
+    """The tangent ``raw * mask`` of an activation's output, formed on first use.
+
+    ``raw`` ``[K, B, *shape]`` is the activation input's tangent, ``mask`` ``[B, *shape]``
+    its slopes.  A following linear layer may instead fold the mask into its
+    weight (``W diag(mask_b)`` per example), which moves fewer bytes when the
+    layer has fewer outputs than there are directions; any other reader gets
+    the product.
+    """
+
+    __slots__ = ("_value", "mask", "raw")
+
+    def __init__(self, raw: Tensor, mask: Tensor) -> None:
+        self.raw = raw
+        self.mask = mask
+        self._value: Tensor | None = None
+
+    @property
+    def formed(self) -> bool:
+        return self._value is not None
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel() * self.raw.element_size()
+
+    def value(self) -> Tensor:
+        if self._value is None:
+            self._value = self.raw * self.mask
+        return self._value
 
 
 class NeuronObserver(Protocol):
@@ -126,7 +157,16 @@ class Trace:
         entry = self._entries.get(id(value))
         if entry is None or entry[0]() is not value:
             raise KeyError("tensor is not tracked")
-        return entry[1]
+        t = entry[1]
+        return t.value() if isinstance(t, MaskedTangent) else t
+
+    def masked(self, value: Tensor) -> MaskedTangent | None:
+        """The pending ``raw * mask`` of a tracked tensor whose product nobody has formed yet."""
+        entry = self._entries.get(id(value))
+        if entry is None or entry[0]() is not value:
+            return None
+        t = entry[1]
+        return t if isinstance(t, MaskedTangent) and not t.formed else None
 
     def unit_indices(self, value: Tensor) -> Tensor | None:
         """If ``value`` is the input (or a batch-first reshape of it) and its tangents are unit

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rollnet.engine.capture import Trace, _iter_values, batch_shared, op_name
+from rollnet.engine.capture import MaskedTangent, Trace, _iter_values, batch_shared, op_name
 from rollnet.engine.gram import GramTangent, GramUnsupported
 
 __all__ = ["RULES", "Rule", "dispatch", "register"]
@@ -415,6 +415,13 @@ def linear(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs
             f"{weight.shape[-1]}, got inputs of per-example shape {tuple(x.shape[1:])}"
         )
     result = func(*args, **kwargs)
+    pending = trace.masked(x)
+    if pending is not None and x.dim() == 2 and weight.shape[0] <= pending.raw.shape[0]:
+        # (t * m_b) W^T = t (W diag(m_b))^T: mask the [B, F', F] weights, not the [K, B, F] tangents
+        masked_weights = weight.unsqueeze(0) * pending.mask.unsqueeze(1)
+        tangent = torch.bmm(pending.raw.transpose(0, 1), masked_weights.transpose(1, 2)).transpose(0, 1)
+        trace.track(result, tangent)
+        return result
     t = trace.tangent(x)
     if t is None:
         trace.track(result, None)
@@ -647,7 +654,7 @@ def _activation(
         return result
     # the slope in the tangent's own dtype (a Python float would go through float32)
     mask = on.to(t.dtype) if slope == 0.0 else torch.where(on, t.new_ones(()), t.new_full((), slope))
-    trace.track(result, t * mask)
+    trace.track(result, MaskedTangent(t, mask))
     return result
 
 
