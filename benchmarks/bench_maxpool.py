@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rollnet
+from common import add_device_argument, use_device
 
 
 def small_cnn(pool: Callable[[], nn.Module]) -> nn.Module:
@@ -63,9 +67,8 @@ def timed(models: list[nn.Module], x: torch.Tensor, repeats: int = 3) -> list[fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
-    device = torch.device(parser.parse_args().device)
-    torch.set_default_device(device)
+    add_device_argument(parser)
+    device = use_device(parser.parse_args().device)
     x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0), device="cpu").to(device)
     cases = [
         ("2x2, stride 2", lambda: nn.MaxPool2d(2), lambda: nn.AvgPool2d(2)),

@@ -34,13 +34,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_device_argument
 from rollnet import ROLLLoss
 from rollnet.models import MLP
 
@@ -291,7 +295,7 @@ def approx_flop_floor(model: nn.Module, k: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
+    add_device_argument(parser)
     parser.add_argument("--backprop-steps", type=int, default=3, help="timed steps of the slowest variant")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile row")
     args = parser.parse_args()

@@ -643,19 +643,24 @@ def _activation(
     if isinstance(t, GramTangent):
         if x.dim() != 2:
             raise GramUnsupported("activation on a tensor with more than one feature dimension")
-        slopes = on.to(x.dtype) if slope == 0.0 else torch.where(on, x.new_ones(()), x.new_full((), slope))
         trace.emit(op, values, None, on.reshape(b, -1), squared_norms=t.diagonal().expand(b, -1))
-        trace.track(result, t.scaled(slopes))
+        trace.track(result, t.scaled(_slopes(on, slope, x)))
         return result
     tangents = None if t is None else t.flatten(2)
     trace.emit(op, values, tangents, on.reshape(b, -1))
     if t is None:
         trace.track(result, None)
         return result
-    # the slope in the tangent's own dtype (a Python float would go through float32)
-    mask = on.to(t.dtype) if slope == 0.0 else torch.where(on, t.new_ones(()), t.new_full((), slope))
-    trace.track(result, MaskedTangent(t, mask))
+    trace.track(result, MaskedTangent(t, _slopes(on, slope, t)))
     return result
+
+
+def _slopes(on: Tensor, slope: float, like: Tensor) -> Tensor:
+    """1 where ``on``, ``slope`` elsewhere, in ``like``'s dtype and device (a Python float
+    would go through float32); ReLU's 0/1 mask is a plain cast."""
+    if slope == 0.0:
+        return on.to(like.dtype)
+    return torch.where(on, like.new_ones(()), like.new_full((), slope))
 
 
 @register(F.relu, torch.relu, torch.Tensor.relu, torch.relu_, torch.Tensor.relu_, F.relu_)
