@@ -18,6 +18,7 @@ part() {  # part NAME SECONDS COMMAND...
     tail -n 60 "$out/$name.log"
 }
 part cuda_tests "${T_TESTS:-120}" "$py" -m pytest -q -p no:cacheprovider -o addopts="-ra" tests/test_cuda.py
+part profile_cuda "${T_PROFILE:-60}" "$py" benchmarks/profile_cuda.py
 part bench_training "${T_TRAIN:-110}" "$py" benchmarks/bench_training.py --device cuda
 part bench_engine "${T_ENGINE:-80}" "$py" benchmarks/bench_engine.py --device cuda
 part bench_margins "${T_MARGINS:-80}" "$py" benchmarks/bench_margins.py --device cuda

@@ -209,3 +209,21 @@ def test_trainer_runs_and_resumes_on_cuda(tmp_path) -> None:
     b = load_tensors(load_manifest(tmp_path / "resumed" / "last.json"), "weights")
     for k in a:  # CUDA kernels need not be bitwise deterministic run to run: close, not equal
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_default_budget_on_cuda_takes_one_chunk_where_the_cpu_takes_many() -> None:
+    """On a GPU each chunk costs kernel launches from Python: the default budget there is a quarter
+    of the free memory and one chunk may fill it; the CPU keeps chunks cache-sized."""
+    from rollnet.engine.gradients import plan_chunks, unit_directions
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(8 * 28 * 28, 10)).eval()
+    x = torch.rand(64, 1, 28, 28)
+    directions = unit_directions(x.shape[1:])
+    bc, kc = plan_chunks(net, x, directions)
+    assert bc * kc < 64 * 784  # several chunks on the CPU
+    assert plan_chunks(net.to(CUDA), x.to(CUDA), directions) == (64, 784)
+    # an explicit budget is still honoured on the GPU
+    bc, kc = plan_chunks(net, x.to(CUDA), directions, memory_budget=64 << 20)
+    assert bc * kc < 64 * 784

@@ -134,7 +134,8 @@ class LinearRegions:
         model: a network of affine layers and piecewise-linear activations.
             It is run in eval mode; its train/eval flags are restored.
         x: ``[B, *input_shape]`` float inputs, no NaN or Inf.
-        memory_budget: bytes of tangents held at once (default 1 GiB).
+        memory_budget: bytes of tangents held at once (default 1 GiB; on a CUDA device
+            a quarter of its free memory when that is more).
         keep_gradients: also keep every neuron's full gradient
             (``[B, N, *input_shape]``, can be large); needed by
             :meth:`neuron_gradients`, which sets it on first use.
@@ -263,7 +264,8 @@ def margin(model: nn.Module, x: Tensor, p: Norm = 2, *, memory_budget: int | Non
         model: the network, run in eval mode (flags restored afterwards).
         x: ``[B, *input_shape]`` inputs.
         p: 1, 2, or ``float("inf")`` / ``"inf"``.
-        memory_budget: bytes of tangents held at once (default 1 GiB).
+        memory_budget: bytes of tangents held at once (default 1 GiB; on a CUDA device
+            a quarter of its free memory when that is more).
 
     Returns:
         ``[B]`` radii in the units of the model's input (``inf`` where no neuron can flip).

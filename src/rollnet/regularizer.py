@@ -52,7 +52,8 @@ class ROLLLoss(nn.Module):
         estimator: with ``approx``: ``"axes"`` (the paper's: k input axes drawn
             uniformly with replacement, scaled by D / k) or ``"gaussian"``
             (k standard normal directions v, using E (g . v)^2 = ||g||^2).
-        memory_budget: bytes of tangents held at once in each pass.
+        memory_budget: bytes of tangents held at once in each pass (default 1 GiB; on a
+            CUDA device a quarter of its free memory when that is more).
         generator: random generator for the approximate estimators.
 
     Returns (when called as ``roll(model, x)``):
