@@ -140,6 +140,33 @@ def test_first_layer_reads_unit_tangents_off_its_weight_after_flattening(flatten
     torch.testing.assert_close(got.squared_l2[:, :50], grads.square().sum(0))
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shared", [True, False])
+def test_first_layer_node_passes_gradcheck(bias: bool, shared: bool) -> None:
+    """The fused first-layer node (the linear output and the weight columns W[:, k] in one backward)
+    against finite differences, with repeated indices, and with either output left unused."""
+    from rollnet.engine.rules import _FirstLayer
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, generator=gen, requires_grad=True) if bias else None
+    idx = torch.tensor([2, 0, 2] if shared else [5, 1, 1, 0, 3, 5])
+    inputs = (x, w, b, idx)
+
+    def both(*args: Tensor) -> tuple[Tensor, Tensor]:
+        return _FirstLayer.apply(*args)
+
+    assert torch.autograd.gradcheck(both, inputs)
+    assert torch.autograd.gradcheck(lambda *a: both(*a)[0], inputs)
+    assert torch.autograd.gradcheck(lambda *a: both(*a)[1], inputs)
+    out, cols = both(*inputs)
+    torch.testing.assert_close(out, F.linear(x, w, b))
+    torch.testing.assert_close(cols, w[:, idx])
+    (g_x,) = torch.autograd.grad(cols.sum(), x, allow_unused=True)
+    assert g_x is None  # the columns do not depend on x
+
+
 @pytest.mark.parametrize("slope", [0.0, 0.3])
 def test_linear_after_an_activation_folds_the_slopes_into_its_weight(
     slope: float, monkeypatch: pytest.MonkeyPatch
