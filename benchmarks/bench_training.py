@@ -1,4 +1,4 @@
-"""Training-step cost of the ROLL term on the paper's MNIST MLP (784-300x4-10), batch 64.
+"""Training-step cost of the ROLL term on the paper's MNIST MLP (784-300x4-10), batch 64 (``--batch``).
 
 Measured in one run, on whatever this machine has (CPU by default):
 
@@ -298,12 +298,13 @@ def main() -> None:
     add_device_argument(parser)
     parser.add_argument("--backprop-steps", type=int, default=3, help="timed steps of the slowest variant")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile row")
+    parser.add_argument("--batch", type=int, default=64, help="examples per step (default 64, the issue's)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = MLP((1, 28, 28), 10).to(device)
-    x = torch.randn(64, 1, 28, 28, device=device)
-    y = torch.randint(0, 10, (64,), device=device)
+    x = torch.randn(args.batch, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
 
     started = time.perf_counter()
     checks = check_same_loss(model, x)
@@ -318,7 +319,7 @@ def main() -> None:
 
     vanilla = seconds["vanilla"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"MLP 784-300x4-10 (1,200 neurons), batch 64, lambda {LAM}, C {C}; device {device}, "
+    print(f"MLP 784-300x4-10 (1,200 neurons), batch {args.batch}, lambda {LAM}, C {C}; device {device}, "
           f"{torch.get_num_threads()} threads, load average {load:.2f}")
     for name, (loss_diff, grad_diff) in checks.items():
         print(f"check: exact term, engine vs {name}: loss rel. diff {loss_diff:.1e}, "

@@ -2,6 +2,7 @@
 # The CUDA checks and benchmarks in one go, for a machine with a GPU and a python3 that has
 # torch (plus pytest, safetensors, scikit-learn for the trainer test).  Logs go to $OUT (or ./cuda-logs).
 # Usage: bash benchmarks/run_cuda.sh   (each part has its own time limit; one failing does not stop the rest)
+#        PARTS="cuda_tests bench_training" bash benchmarks/run_cuda.sh   (a selection)
 set -u
 out="${OUT:-cuda-logs}"
 mkdir -p "$out"
@@ -17,9 +18,17 @@ part() {  # part NAME SECONDS COMMAND...
     echo "== $name: exit $? after $((SECONDS - t0)) s"
     tail -n 60 "$out/$name.log"
 }
-part cuda_tests "${T_TESTS:-120}" "$py" -m pytest -q -p no:cacheprovider -o addopts="-ra" tests/test_cuda.py
-part profile_cuda "${T_PROFILE:-60}" "$py" benchmarks/profile_cuda.py
-part bench_training "${T_TRAIN:-110}" "$py" benchmarks/bench_training.py --device cuda
-part bench_engine "${T_ENGINE:-80}" "$py" benchmarks/bench_engine.py --device cuda
-part bench_margins "${T_MARGINS:-80}" "$py" benchmarks/bench_margins.py --device cuda
-part bench_maxpool "${T_MAXPOOL:-30}" "$py" benchmarks/bench_maxpool.py --device cuda
+# PARTS picks and orders what runs (default: all of them)
+for name in ${PARTS:-cuda_tests profile_cuda bench_training bench_training_1024 bench_engine bench_margins bench_maxpool}; do
+    case $name in
+        cuda_tests) part cuda_tests "${T_TESTS:-120}" "$py" -m pytest -q -p no:cacheprovider -o addopts="-ra" tests/test_cuda.py ;;
+        profile_cuda) part profile_cuda "${T_PROFILE:-60}" "$py" benchmarks/profile_cuda.py ;;
+        bench_training) part bench_training "${T_TRAIN:-110}" "$py" benchmarks/bench_training.py --device cuda ;;
+        bench_training_1024) part bench_training_1024 "${T_TRAIN:-110}" "$py" benchmarks/bench_training.py --device cuda \
+            --batch 1024 --backprop-steps 1 --no-compile ;;
+        bench_engine) part bench_engine "${T_ENGINE:-80}" "$py" benchmarks/bench_engine.py --device cuda ;;
+        bench_margins) part bench_margins "${T_MARGINS:-80}" "$py" benchmarks/bench_margins.py --device cuda ;;
+        bench_maxpool) part bench_maxpool "${T_MAXPOOL:-30}" "$py" benchmarks/bench_maxpool.py --device cuda ;;
+        *) echo "unknown part $name"; exit 2 ;;
+    esac
+done

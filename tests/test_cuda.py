@@ -112,8 +112,9 @@ def test_chunked_margin_on_cuda_equals_one_pass() -> None:
 
 
 @pytest.mark.parametrize("gamma", [100, 30, "max"])
-def test_exact_roll_loss_and_its_gradients_on_cuda_match_the_cpu(gamma: float | str) -> None:
-    model, shape = make("conv_bn")
+@pytest.mark.parametrize("name", ["conv_bn", "mlp", "residual"])
+def test_exact_roll_loss_and_its_gradients_on_cuda_match_the_cpu(name: str, gamma: float | str) -> None:
+    model, shape = make(name)
     model.train()
     for m in model.modules():  # batch statistics would differ between the two calls' BN updates
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
