@@ -228,3 +228,26 @@ def test_default_budget_on_cuda_takes_one_chunk_where_the_cpu_takes_many() -> No
     # an explicit budget is still honoured on the GPU
     bc, kc = plan_chunks(net, x.to(CUDA), directions, memory_budget=64 << 20)
     assert bc * kc < 64 * 784
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("approx", [None, 3])
+def test_roll_step_under_autocast_on_cuda(dtype: torch.dtype, approx: int | None) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                        nn.Linear(32, 10)).to(CUDA)
+    x, y = torch.rand(16, 1, 8, 8, device=CUDA), torch.randint(0, 10, (16,), device=CUDA)
+
+    def grads(autocast: bool) -> list[torch.Tensor]:
+        net.zero_grad()
+        roll = rollnet.ROLLLoss(1.0, 1.0, approx=approx, generator=torch.Generator(CUDA).manual_seed(1))
+        with torch.autocast("cuda", dtype=dtype, enabled=autocast):
+            term, logits = roll(net, x, return_output=True)
+            loss = F.cross_entropy(logits, y) + term
+        loss.backward()
+        return [p.grad.clone() for p in net.parameters()]  # type: ignore[union-attr]
+
+    full, mixed = grads(False), grads(True)
+    for a, b in zip(mixed, full, strict=True):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all()
+        assert (a - b).norm() <= 0.1 * b.norm()

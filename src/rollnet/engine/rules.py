@@ -459,7 +459,7 @@ class _FirstLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, idx: Tensor) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(x, weight, idx)
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros
         return F.linear(x, weight, bias), weight.index_select(1, idx)
 
@@ -467,14 +467,18 @@ class _FirstLayer(torch.autograd.Function):
     def backward(ctx: Any, g_out: Tensor | None, g_cols: Tensor | None) -> tuple[Tensor | None, ...]:
         x, weight, idx = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
+        # under autocast the output (so g_out) can have a lower precision than x and W
         if g_out is not None and ctx.needs_input_grad[0]:
-            grad_x = g_out @ weight
+            grad_x = (g_out @ weight.to(g_out.dtype)).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = g_out.t() @ x if g_out is not None else torch.zeros_like(weight)
+            if g_out is not None:
+                grad_w = (g_out.t() @ x.to(g_out.dtype)).to(weight.dtype)
+            else:
+                grad_w = torch.zeros_like(weight)
             if g_cols is not None:
-                grad_w.index_add_(1, idx, g_cols)
-        if ctx.has_bias and ctx.needs_input_grad[2] and g_out is not None:
-            grad_b = g_out.sum(0)
+                grad_w.index_add_(1, idx, g_cols.to(weight.dtype))
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2] and g_out is not None:
+            grad_b = g_out.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None
 
 
