@@ -18,6 +18,7 @@ from torch import nn
 
 import rollnet
 from rollnet.errors import UnsupportedOperationError
+from tests.mixed_precision import check_autocast_step
 from tests.oracles import autograd_gradients, oracle_margin, recorded_pattern, sample_ball
 from tests.zoo import ZOO, make
 from tests.zoo_max import make_models
@@ -233,21 +234,4 @@ def test_default_budget_on_cuda_takes_one_chunk_where_the_cpu_takes_many() -> No
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("approx", [None, 3])
 def test_roll_step_under_autocast_on_cuda(dtype: torch.dtype, approx: int | None) -> None:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
-                        nn.Linear(32, 10)).to(CUDA)
-    x, y = torch.rand(16, 1, 8, 8, device=CUDA), torch.randint(0, 10, (16,), device=CUDA)
-
-    def grads(autocast: bool) -> list[torch.Tensor]:
-        net.zero_grad()
-        roll = rollnet.ROLLLoss(1.0, 1.0, approx=approx, generator=torch.Generator(CUDA).manual_seed(1))
-        with torch.autocast("cuda", dtype=dtype, enabled=autocast):
-            term, logits = roll(net, x, return_output=True)
-            loss = F.cross_entropy(logits, y) + term
-        loss.backward()
-        return [p.grad.clone() for p in net.parameters()]  # type: ignore[union-attr]
-
-    full, mixed = grads(False), grads(True)
-    for a, b in zip(mixed, full, strict=True):
-        assert a.dtype == torch.float32 and torch.isfinite(a).all()
-        assert (a - b).norm() <= 0.1 * b.norm()
+    check_autocast_step(CUDA, dtype, approx)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import rollnet
+from tests.mixed_precision import check_autocast_step
 from tests.oracles import autograd_gradients
 from tests.zoo import make
 
@@ -163,22 +164,4 @@ def test_return_output_is_the_training_forward() -> None:
 
 @pytest.mark.parametrize("approx", [None, 3])
 def test_training_step_under_bfloat16_autocast(approx: int | None) -> None:
-    """Mixed precision: the term and its parameter gradients run, in the parameters' dtype, and
-    stay close to the float32 step with the same directions."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
-    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
-
-    def grads(autocast: bool) -> list[torch.Tensor]:
-        net.zero_grad()
-        roll = rollnet.ROLLLoss(1.0, 1.0, approx=approx, generator=torch.Generator().manual_seed(1))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            term, logits = roll(net, x, return_output=True)
-            loss = F.cross_entropy(logits, y) + term
-        loss.backward()
-        return [p.grad.clone() for p in net.parameters()]  # type: ignore[union-attr]
-
-    full, mixed = grads(False), grads(True)
-    for a, b in zip(mixed, full, strict=True):
-        assert a.dtype == torch.float32 and torch.isfinite(a).all()
-        assert (a - b).norm() <= 0.1 * b.norm()
+    check_autocast_step(torch.device("cpu"), torch.bfloat16, approx)
