@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
 
 from rollnet.engine.gradients import plan_chunks, unit_directions
+from tests.threads import intra_op_threads
 
 
 @pytest.fixture
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+def two_threads() -> Iterator[None]:
+    with intra_op_threads(2):
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _mlp() -> nn.Module:
