@@ -88,6 +88,25 @@ def test_gradcheck_through_conv_and_batchnorm() -> None:
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("approx", [None, 2])
+def test_gradcheck_through_in_place_relu(approx: int | None) -> None:
+    """torchvision-style blocks apply ``ReLU(inplace=True)``; the hinge's gradient must survive it
+    (it was once lost: the neuron values were copied detached before the in-place op)."""
+    model, shape = make("torchvision_block", seed=2)
+    x = torch.randn(2, *shape, dtype=torch.float64)
+    names = ["conv1.weight", "layer1.0.conv2.weight", "fc.bias"]
+    base = dict(model.named_parameters())
+
+    def fn(*ps: torch.Tensor) -> torch.Tensor:
+        roll = rollnet.ROLLLoss(1.0, 3.0, approx=approx, generator=torch.Generator().manual_seed(0))
+        params = {**base, **dict(zip(names, ps, strict=True))}
+        with torch.nn.utils.stateless._reparametrize_module(model, params):
+            return roll(model, x)
+
+    inputs = [base[n].detach().clone().requires_grad_(True) for n in names]
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 @pytest.mark.parametrize("estimator", ["axes", "gaussian"])
 def test_approximate_estimators_are_unbiased(estimator: str) -> None:
     model, shape = make("conv_bn", seed=5)

@@ -673,7 +673,9 @@ def _activation(
     if in_place and x._base is not None and trace.is_tracked(x._base):
         raise trace.refuse(op, "in-place activation of a view of an input-dependent tensor")
     t = trace.tangent(x)
-    z = x.detach().clone() if in_place else x
+    # an in-place activation overwrites x: keep its values (and their graph, for the regulariser's
+    # hinge) in a copy taken first
+    z = x.clone() if in_place else x
     result = func(*args, **kwargs)
     on = z.detach() > 0
     values = z.reshape(b, -1)
