@@ -18,6 +18,7 @@ from torch import nn
 
 import rollnet
 from rollnet.errors import UnsupportedOperationError
+from rollnet.models import MLP
 from tests.mixed_precision import check_autocast_step
 from tests.oracles import autograd_gradients, oracle_margin, recorded_pattern, sample_ball
 from tests.zoo import ZOO, make
@@ -157,6 +158,30 @@ def test_approximate_roll_loss_on_cuda_is_unbiased_and_reproducible(estimator: s
                          generator=torch.Generator(CUDA).manual_seed(3))
     assert torch.equal(a(gpu, x), b(gpu, x))
     rollnet.ROLLLoss(lam=1.0, C=0.0, approx=2, estimator=estimator)(gpu, x).backward()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("estimator", ["axes", "gaussian"])
+def test_fused_chain_pass_on_cuda_matches_the_engine_and_the_cpu(estimator: str) -> None:
+    """The approximate term on a plain MLP (one fused autograd node) against the generic engine on
+    the GPU, with the same directions, and against the CPU."""
+    torch.manual_seed(0)
+    model = MLP((1, 6, 6), 4, hidden=(9, 7), act="leaky_relu", normalization=(0.2, 0.6)).double()
+    x = _inputs((1, 6, 6), n=5)
+    gpu, xg = _on_cuda(model), x.to(CUDA)
+
+    def step(net: nn.Module, inputs: torch.Tensor, fused: bool) -> list[torch.Tensor]:
+        net.zero_grad()
+        roll = rollnet.ROLLLoss(1.0, 0.5, approx=3, estimator=estimator,  # type: ignore[arg-type]
+                                generator=torch.Generator().manual_seed(2), fused=fused)
+        term, out = roll(net, inputs, return_output=True)
+        (term + out.square().mean()).backward()
+        return [term.detach(), out.detach()] + [p.grad.clone() for p in net.parameters()]  # type: ignore[union-attr]
+
+    fused, engine, cpu = step(gpu, xg, True), step(gpu, xg, False), step(model, x, True)
+    for a, b, c in zip(fused, engine, cpu, strict=True):
+        assert a.device.type == "cuda"
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(a.cpu(), c, rtol=1e-10, atol=1e-13)
 
 
 def test_roll_training_step_on_cuda_with_return_output() -> None:

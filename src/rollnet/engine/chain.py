@@ -1,0 +1,352 @@
+"""A fused pass for plain chains of Linear layers and ReLU-like activations (MLPs).
+
+The approximate ROLL term pushes k input directions per example through the
+linearized network.  For a *chain* (optionally an :class:`InputNormalization`
+and a ``Flatten``, then ``Linear, activation, Linear, activation, ..., Linear``)
+every hidden layer's share of that work is one matmul over each example's
+stacked rows ``[z; t_1 .. t_k]`` (the pre-activation and its k tangents: the
+activation's slopes multiply all 1 + k rows alike, and only the primal row
+gets the bias).  :class:`_ChainTerms` runs the whole pass as one autograd node
+with a hand-written backward: per layer, two matmuls over the stacked rows
+(weight gradient, input gradient) and a few elementwise operations.  The
+generic engine (:mod:`rollnet.engine.capture`) instead runs the model op by op
+under a ``TorchFunctionMode`` and records an autograd node per op; on the
+paper's MLP at batch 64 the fused pass makes a whole approximate training
+step about a quarter faster (``benchmarks/bench_training.py``).
+
+The result is the same computation as the engine's (the same neurons in the
+same order, the same tangents, the same conventions at z = 0), checked
+against it in ``tests/engine/test_chain.py``.  Anything outside the chain (a
+hook, a subclass, a train-mode Dropout, an input that needs its own
+gradient, autocast) goes through the engine instead; see :func:`find_chain`
+and :func:`fusable`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules import module as _module_globals
+
+from rollnet.engine.gradients import DEFAULT_MEMORY_BUDGET, Directions, _budget
+from rollnet.models.layers import InputNormalization
+from rollnet.models.mlp import MLP
+
+__all__ = ["Chain", "chain_terms", "find_chain", "fusable"]
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A model recognised as ``[normalization] [flatten] Linear (act Linear)*``.
+
+    Attributes:
+        linears: the affine layers, input to output (at least two).
+        slopes: each activation's slope for negative inputs (0 for ReLU).
+        normalization: the leading ``(x - mean) / std`` layer, if any.
+        flatten: whether the input is flattened first (``[B, *shape] -> [B, D]``).
+    """
+
+    linears: tuple[nn.Linear, ...]
+    slopes: tuple[float, ...]
+    normalization: InputNormalization | None
+    flatten: bool
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+             "_global_backward_pre_hooks")
+    return any(bool(getattr(_module_globals, name, None)) for name in names)
+
+
+def _sequence(model: nn.Module) -> list[nn.Module] | None:
+    """The modules ``model(x)`` applies in order, or ``None`` if its forward is not a known sequence."""
+    if _hooked(model):
+        return None
+    if type(model) is nn.Sequential:
+        out: list[nn.Module] = []
+        for child in model:
+            inner = _sequence(child) if type(child) in (nn.Sequential, MLP) else [child]
+            if inner is None:
+                return None
+            out += inner
+        return out
+    if type(model) is MLP:
+        return _sequence(model.layers)
+    return None
+
+
+def _is_identity(m: nn.Module) -> bool:
+    if type(m) is nn.Identity:
+        return True
+    return type(m) is nn.Dropout and (not m.training or m.p == 0.0)
+
+
+def find_chain(model: nn.Module) -> Chain | None:
+    """The chain ``model`` is, or ``None`` when the fused pass does not apply.
+
+    Recognised: an ``nn.Sequential`` (nested ones too) or a
+    :class:`rollnet.models.MLP` whose modules are, in order, an optional
+    :class:`InputNormalization` and ``nn.Flatten()``, then ``nn.Linear``
+    layers separated by one ``nn.ReLU`` or ``nn.LeakyReLU`` each and ending in
+    a Linear; ``nn.Identity`` and eval-mode (or p = 0) ``nn.Dropout`` anywhere.
+    Exact types only (a subclass may change ``forward``), and no module or
+    global forward/backward hooks, since the fused pass does not call the
+    modules.
+    """
+    modules = _sequence(model)
+    if modules is None or _global_hooks():
+        return None
+    linears: list[nn.Linear] = []
+    slopes: list[float] = []
+    normalization: InputNormalization | None = None
+    flatten = False
+    expect_linear = True  # after an activation (or at the start): a Linear must come next
+    for m in modules:
+        if _hooked(m):
+            return None
+        kind = type(m)
+        if _is_identity(m):
+            continue
+        if kind is InputNormalization and not linears and normalization is None and not flatten:
+            normalization = m  # type: ignore[assignment]
+        elif kind is nn.Flatten and not linears and not flatten:
+            if (m.start_dim, m.end_dim) != (1, -1):
+                return None
+            flatten = True
+        elif kind is nn.Linear and expect_linear:
+            linears.append(m)  # type: ignore[arg-type]
+            expect_linear = False
+        elif kind is nn.ReLU and not expect_linear:
+            slopes.append(0.0)
+            expect_linear = True
+        elif kind is nn.LeakyReLU and not expect_linear:
+            slopes.append(float(m.negative_slope))  # type: ignore[arg-type]
+            expect_linear = True
+        else:
+            return None
+    if len(linears) < 2 or expect_linear:
+        return None
+    return Chain(tuple(linears), tuple(slopes), normalization, flatten)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return bool(torch.is_autocast_enabled())
+
+
+def fusable(chain: Chain, x: Tensor, directions: Directions, memory_budget: int | None = None) -> bool:
+    """Whether :func:`chain_terms` can take ``x`` along ``directions`` within ``memory_budget`` bytes
+    (the engine's default when ``None``).
+
+    Not when ``x`` needs its own gradient (the fused node is differentiable
+    once, in the parameters), under autocast (the engine follows autocast's
+    per-op casts), when parameters and ``x`` differ in dtype or device, for
+    directions shared by the batch, or when the stacked rows would not fit.
+    """
+    if x.requires_grad or _autocast_on(x.device.type):
+        return False
+    d = math.prod(x.shape[1:])
+    first = chain.linears[0]
+    if (x.dim() != 2 and not chain.flatten) or d != first.in_features:
+        return False
+    for layer in chain.linears:
+        for p in (layer.weight, layer.bias):
+            if p is not None and (p.dtype != x.dtype or p.device != x.device):
+                return False
+    per_example = directions.indices is not None and directions.indices.dim() == 2
+    if directions.vectors is not None:
+        per_example = directions.vectors.dim() == x.dim() + 1
+    if not per_example:
+        return False
+    rows = x.shape[0] * (1 + directions.count)
+    width = sum(layer.out_features for layer in chain.linears[:-1])
+    # (the default is read as 1 GiB here, on a GPU too: no device query per training step)
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else _budget(memory_budget, x.device)
+    return 3 * rows * width * x.element_size() <= budget  # each layer keeps its rows, masks, masked rows
+
+
+def chain_terms(chain: Chain, x: Tensor, directions: Directions, scale: float, C: float) -> tuple[Tensor, Tensor]:
+    """The model's output and every neuron's ROLL term, ``scale * sum_k (g_j . d_k)^2 + C * relu(1 - |z_j|)``.
+
+    Args:
+        chain: from :func:`find_chain`.
+        x: ``[B, *input_shape]`` inputs (see :func:`fusable`).
+        directions: k directions per example: ``indices`` ``[k, B]`` (unit
+            axes) or ``vectors`` ``[k, B, *input_shape]``.
+        scale: factor of the sum of squared directional derivatives (D / k
+            for axes, 1 / k for Gaussian directions).
+        C: weight of the hinge.
+
+    Returns:
+        ``(output [B, L], terms [B, N])``, the N hidden neurons in layer order,
+        differentiable in the chain's parameters.
+    """
+    b = x.shape[0]
+    h = x.flatten(1) if chain.flatten else x
+    first_scale: Tensor | None = None
+    if chain.normalization is not None:
+        h = chain.normalization(h)
+        first_scale = (1.0 / chain.normalization.std).to(x.dtype)
+    axes = vectors = None
+    if directions.indices is not None:
+        axes = directions.indices.to(x.device).t().reshape(-1)  # example-major: [B * k]
+    else:
+        assert directions.vectors is not None
+        vectors = directions.vectors.to(device=x.device, dtype=x.dtype).transpose(0, 1).reshape(b * directions.count, -1)
+        if first_scale is not None:
+            vectors = vectors * first_scale
+            first_scale = None
+    params: list[Tensor | None] = []
+    for layer in chain.linears:
+        params += [layer.weight, layer.bias]
+    out, terms = _ChainTerms.apply(h, axes, vectors, first_scale, float(scale), float(C), chain.slopes, *params)
+    return out, terms
+
+
+def _slope_mask(z: Tensor, slope: float) -> Tensor:
+    """The activation's slope at each ``z``: 1 where z > 0, else ``slope`` (the engine's convention)."""
+    if slope == 0.0:
+        return (z > 0).to(z.dtype)
+    return torch.where(z > 0, z.new_ones(()), z.new_full((), slope))
+
+
+class _ChainTerms(torch.autograd.Function):
+    """Output and neuron terms of a chain, stacked rows ``[B, 1 + k, F]`` per layer, hand-written backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        h: Tensor,
+        axes: Tensor | None,
+        vectors: Tensor | None,
+        first_scale: Tensor | None,
+        scale: float,
+        C: float,
+        slopes: tuple[float, ...],
+        *params: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        weights, biases = params[0::2], params[1::2]
+        assert all(w is not None for w in weights)
+        b = h.shape[0]
+        w0 = weights[0]
+        assert w0 is not None
+        z = F.linear(h, w0, biases[0])
+        if axes is not None:
+            t = w0.t().index_select(0, axes)  # e_k -> W[:, k]
+            if first_scale is not None:
+                t = t * first_scale
+        else:
+            assert vectors is not None
+            t = vectors @ w0.t()
+        k = t.shape[0] // b
+        rows = torch.cat([z.unsqueeze(1), t.view(b, k, -1)], dim=1)  # [B, 1 + k, F]
+        saved_rows, saved_masks, saved_inputs, terms = [], [], [], []
+        last = len(weights) - 1
+        out: Tensor | None = None
+        for i in range(1, len(weights)):
+            zp, tangents = rows[:, 0], rows[:, 1:]
+            terms.append(scale * tangents.square().sum(1) + C * torch.relu(1.0 - zp.abs()))
+            mask = _slope_mask(zp, slopes[i - 1])
+            w, bias = weights[i], biases[i]
+            assert w is not None
+            saved_rows.append(rows)
+            saved_masks.append(mask)
+            if i == last:  # the output layer sees only the primal row
+                a = zp * mask
+                saved_inputs.append(a)
+                out = F.linear(a, w, bias)
+                break
+            a = rows * mask.unsqueeze(1)
+            saved_inputs.append(a)
+            rows = (a.view(-1, a.shape[-1]) @ w.t()).view(b, 1 + k, -1)
+            if bias is not None:
+                rows[:, 0] += bias
+        assert out is not None
+        ctx.save_for_backward(h, axes, vectors, first_scale, *params, *saved_rows, *saved_masks, *saved_inputs)
+        ctx.meta = (len(params), len(saved_rows), k, scale, C)
+        ctx.set_materialize_grads(False)
+        return out, torch.cat(terms, dim=1)
+
+    @staticmethod
+    def backward(ctx: Any, g_out: Tensor | None, g_terms: Tensor | None) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative would silently miss terms
+            raise RuntimeError(
+                "ROLLLoss's fused chain pass is differentiable once (backward(create_graph=True) was asked); "
+                "for higher-order gradients build ROLLLoss(..., fused=False)"
+            )
+        n_params, n_groups, k, scale, C = ctx.meta
+        saved = ctx.saved_tensors
+        h, axes, vectors, first_scale = saved[:4]
+        params = saved[4 : 4 + n_params]
+        rows_of = saved[4 + n_params : 4 + n_params + n_groups]
+        masks = saved[4 + n_params + n_groups : 4 + n_params + 2 * n_groups]
+        inputs = saved[4 + n_params + 2 * n_groups :]
+        weights = params[0::2]
+        needs = ctx.needs_input_grad[7:]
+        grads: list[Tensor | None] = [None] * n_params
+        b = h.shape[0]
+
+        def want(i: int, bias: bool = False) -> bool:
+            return bool(needs[2 * i + int(bias)]) and params[2 * i + int(bias)] is not None
+
+        last = len(weights) - 1
+        d_in: Tensor | None = None  # gradient of the last group's masked rows (primal row only)
+        if g_out is not None:
+            if want(last):
+                grads[2 * last] = g_out.t() @ inputs[-1]
+            if want(last, bias=True):
+                grads[2 * last + 1] = g_out.sum(0)
+            d_in = g_out @ weights[last]
+        offsets = [0]
+        for rows in rows_of:
+            offsets.append(offsets[-1] + rows.shape[-1])
+        d_stacked: Tensor | None = None  # gradient of a group's masked stacked rows [B, 1 + k, F]
+        for g in range(n_groups - 1, -1, -1):
+            rows, mask = rows_of[g], masks[g]
+            zp, tangents = rows[:, 0], rows[:, 1:]
+            if d_stacked is not None:
+                d_rows = d_stacked.mul_(mask.unsqueeze(1))
+            else:
+                d_rows = torch.zeros_like(rows)
+                if d_in is not None:
+                    torch.mul(d_in, mask, out=d_rows[:, 0])
+            if g_terms is not None:
+                gt = g_terms[:, offsets[g] : offsets[g + 1]]
+                d_rows[:, 1:].addcmul_(tangents, (2.0 * scale) * gt.unsqueeze(1))
+                hinge = torch.where(zp.abs() < 1, zp.sign(), 0.0)  # d/dz relu(1 - |z|) = -sign(z) there
+                d_rows[:, 0].addcmul_(hinge, gt, value=-C)
+            if g == 0:
+                break
+            flat = d_rows.view(-1, d_rows.shape[-1])
+            prev = inputs[g - 1]
+            if want(g):
+                grads[2 * g] = flat.t() @ prev.view(-1, prev.shape[-1])
+            if want(g, bias=True):
+                grads[2 * g + 1] = d_rows[:, 0].sum(0)
+            d_stacked = (flat @ weights[g]).view(b, 1 + k, -1)
+        primal, d_tangents = d_rows[:, 0], d_rows[:, 1:].reshape(b * k, -1)
+        if want(0):
+            grad_w = primal.t() @ h
+            if axes is not None:
+                cols = d_tangents if first_scale is None else d_tangents * first_scale
+                grad_w.index_add_(1, axes, cols.t())
+            else:
+                grad_w.addmm_(d_tangents.t(), vectors)
+            grads[0] = grad_w
+        if want(0, bias=True):
+            grads[1] = primal.sum(0)
+        grad_h = primal @ weights[0] if ctx.needs_input_grad[0] else None
+        return (grad_h, None, None, None, None, None, None, *grads)
