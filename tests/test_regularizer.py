@@ -184,3 +184,16 @@ def test_return_output_is_the_training_forward() -> None:
 @pytest.mark.parametrize("approx", [None, 3])
 def test_training_step_under_bfloat16_autocast(approx: int | None) -> None:
     check_autocast_step(torch.device("cpu"), torch.bfloat16, approx)
+
+
+@pytest.mark.parametrize("approx", [None, 2])
+@pytest.mark.parametrize("name", ["mlp", "leaky", "conv_bn", "residual", "torchvision_block", "rnn", "concat"])
+def test_empty_batch_gives_a_zero_term(name: str, approx: int | None) -> None:
+    model, shape = make(name)
+    roll = rollnet.ROLLLoss(1.0, 0.5, approx=approx)
+    n = roll.neuron_terms(model, torch.randn(1, *shape, dtype=torch.float64)).shape[1]
+    empty = torch.randn(0, *shape, dtype=torch.float64)
+    assert roll.neuron_terms(model, empty).shape == (0, n)
+    term, out = roll(model, empty, return_output=True)
+    assert float(term.detach()) == 0.0 and out.shape[0] == 0
+    term.backward()

@@ -131,14 +131,17 @@ class ROLLLoss(nn.Module):
         vectors = torch.randn(k, *x.shape, generator=self.generator, dtype=x.dtype, device=self._draw_on(x))
         return given_directions(vectors, x), 1.0 / k
 
-    def _collect(self, model: nn.Module, x: Tensor, update_running_stats: bool) -> tuple[Tensor, Tensor]:
-        """The model's output and the ``[B, N]`` bracketed term of every neuron."""
+    def _collect(
+        self, model: nn.Module, x: Tensor, update_running_stats: bool, per_example_mean: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """The model's output and the ``[B, N]`` bracketed term of every neuron; with
+        ``per_example_mean``, the fused chain pass may return their ``[B]`` means instead."""
         x = check_input(x)
         directions, scale = self._directions(x)
         if self.approx is not None and self.fused:
             chain = find_chain(model)
             if chain is not None and fusable(chain, x, directions, self.memory_budget):
-                return chain_terms(chain, x, directions, scale, self.C)
+                return chain_terms(chain, x, directions, scale, self.C, mean=per_example_mean)
         key = (id(model), tuple(x.shape), f"{x.dtype}{x.device}{model.training}")
         plan = self._plans.get(key)
         if plan is None:
@@ -173,8 +176,8 @@ class ROLLLoss(nn.Module):
         pass then counts as the training forward: BatchNorm updates its
         running statistics in it.
         """
-        output, terms = self._collect(model, x, update_running_stats=return_output)
-        term = self._reduce(terms)
+        output, terms = self._collect(model, x, update_running_stats=return_output, per_example_mean=True)
+        term = self._reduce(terms) if terms.dim() == 2 else self.lam * terms.mean()
         return (term, output) if return_output else term
 
     def _reduce(self, terms: Tensor) -> Tensor:

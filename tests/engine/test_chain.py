@@ -130,6 +130,20 @@ def test_fused_term_and_gradients_equal_the_engine(name: str, estimator: str) ->
     _assert_same(fused, engine)
 
 
+@pytest.mark.parametrize("name", sorted(CHAINS))
+def test_fused_neuron_terms_equal_the_engine(name: str) -> None:
+    """Every neuron's term (the ``[B, N]`` path, not the per-example means the loss uses)."""
+    model, x = _chain(name)
+    got = [rollnet.ROLLLoss(1.0, 0.4, approx=2, generator=torch.Generator().manual_seed(3), fused=f)
+           .neuron_terms(model, x) for f in (True, False)]
+    torch.testing.assert_close(got[0], got[1], rtol=1e-12, atol=1e-14)
+
+
+def test_empty_batch_goes_to_the_engine() -> None:
+    model, x = _chain("mlp")
+    assert _fused_calls(model, x[:0]) == 0  # (the engine gives 0: tests/test_regularizer.py)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     widths=st.lists(st.integers(1, 9), min_size=1, max_size=4),
@@ -165,8 +179,9 @@ def test_ties_at_zero_follow_the_engine() -> None:
         _assert_same(_step(model, x, True), _step(model, x, False))
 
 
+@pytest.mark.parametrize("mean", [False, True])
 @pytest.mark.parametrize("estimator", ["axes", "gaussian"])
-def test_gradcheck_of_the_fused_node(estimator: str) -> None:
+def test_gradcheck_of_the_fused_node(estimator: str, mean: bool) -> None:
     """Both outputs (model output and neuron terms) against finite differences in every parameter."""
     torch.manual_seed(0)
     model = MLP((5,), 3, hidden=(4, 4), act="leaky_relu", negative_slope=0.3, normalization=(0.1, 0.8)).double()
@@ -181,11 +196,12 @@ def test_gradcheck_of_the_fused_node(estimator: str) -> None:
     names = [n for n, _ in model.named_parameters()]
     base = dict(model.named_parameters())
     weights = torch.randn(4, 3, dtype=torch.float64)
+    term_weights = torch.randn(4, 1 if mean else 8, dtype=torch.float64).squeeze(1)
 
     def fn(*ps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.nn.utils.stateless._reparametrize_module(model, dict(zip(names, ps, strict=True))):
-            out, terms = chain_module.chain_terms(chain, x, directions, 2.5, 0.7)
-        return out * weights, terms
+            out, terms = chain_module.chain_terms(chain, x, directions, 2.5, 0.7, mean=mean)
+        return out * weights, terms * term_weights
 
     inputs = [base[n].detach().clone().requires_grad_(True) for n in names]
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)

@@ -151,12 +151,12 @@ def fusable(chain: Chain, x: Tensor, directions: Directions, memory_budget: int 
     """Whether :func:`chain_terms` can take ``x`` along ``directions`` within ``memory_budget`` bytes
     (the engine's default when ``None``).
 
-    Not when ``x`` needs its own gradient (the fused node is differentiable
+    Not for an empty batch, nor when ``x`` needs its own gradient (the fused node is differentiable
     once, in the parameters), under autocast (the engine follows autocast's
     per-op casts), when parameters and ``x`` differ in dtype or device, for
     directions shared by the batch, or when the stacked rows would not fit.
     """
-    if x.requires_grad or _autocast_on(x.device.type):
+    if x.requires_grad or x.shape[0] == 0 or _autocast_on(x.device.type):
         return False
     d = math.prod(x.shape[1:])
     first = chain.linears[0]
@@ -178,7 +178,9 @@ def fusable(chain: Chain, x: Tensor, directions: Directions, memory_budget: int 
     return 3 * rows * width * x.element_size() <= budget  # each layer keeps its rows, masks, masked rows
 
 
-def chain_terms(chain: Chain, x: Tensor, directions: Directions, scale: float, C: float) -> tuple[Tensor, Tensor]:
+def chain_terms(
+    chain: Chain, x: Tensor, directions: Directions, scale: float, C: float, mean: bool = False
+) -> tuple[Tensor, Tensor]:
     """The model's output and every neuron's ROLL term, ``scale * sum_k (g_j . d_k)^2 + C * relu(1 - |z_j|)``.
 
     Args:
@@ -189,10 +191,12 @@ def chain_terms(chain: Chain, x: Tensor, directions: Directions, scale: float, C
         scale: factor of the sum of squared directional derivatives (D / k
             for axes, 1 / k for Gaussian directions).
         C: weight of the hinge.
+        mean: return each example's mean over its neurons, ``[B]``, instead of
+            every term (fewer operations, forward and backward).
 
     Returns:
-        ``(output [B, L], terms [B, N])``, the N hidden neurons in layer order,
-        differentiable in the chain's parameters.
+        ``(output [B, L], terms [B, N])``, the N hidden neurons in layer order
+        (or ``[B]`` means), differentiable in the chain's parameters.
     """
     b = x.shape[0]
     h = x.flatten(1) if chain.flatten else x
@@ -212,7 +216,7 @@ def chain_terms(chain: Chain, x: Tensor, directions: Directions, scale: float, C
     params: list[Tensor | None] = []
     for layer in chain.linears:
         params += [layer.weight, layer.bias]
-    out, terms = _ChainTerms.apply(h, axes, vectors, first_scale, float(scale), float(C), chain.slopes, *params)
+    out, terms = _ChainTerms.apply(h, axes, vectors, first_scale, float(scale), float(C), chain.slopes, mean, *params)
     return out, terms
 
 
@@ -236,6 +240,7 @@ class _ChainTerms(torch.autograd.Function):
         scale: float,
         C: float,
         slopes: tuple[float, ...],
+        mean: bool,
         *params: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         weights, biases = params[0::2], params[1::2]
@@ -258,7 +263,12 @@ class _ChainTerms(torch.autograd.Function):
         out: Tensor | None = None
         for i in range(1, len(weights)):
             zp, tangents = rows[:, 0], rows[:, 1:]
-            terms.append(scale * tangents.square().sum(1) + C * torch.relu(1.0 - zp.abs()))
+            hinge = torch.relu(1.0 - zp.abs())
+            if mean:  # per example: one reduction each, no [B, F] term
+                squared = torch.linalg.vector_norm(tangents.reshape(b, -1), dim=1).square()
+                terms.append(scale * squared + C * hinge.sum(1))
+            else:
+                terms.append(scale * tangents.square().sum(1) + C * hinge)
             mask = _slope_mask(zp, slopes[i - 1])
             w, bias = weights[i], biases[i]
             assert w is not None
@@ -276,8 +286,11 @@ class _ChainTerms(torch.autograd.Function):
                 rows[:, 0] += bias
         assert out is not None
         ctx.save_for_backward(h, axes, vectors, first_scale, *params, *saved_rows, *saved_masks, *saved_inputs)
-        ctx.meta = (len(params), len(saved_rows), k, scale, C)
+        neurons = sum(r.shape[-1] for r in saved_rows)
+        ctx.meta = (len(params), len(saved_rows), k, scale, C, neurons if mean else 0)
         ctx.set_materialize_grads(False)
+        if mean:
+            return out, torch.stack(terms).sum(0) / neurons
         return out, torch.cat(terms, dim=1)
 
     @staticmethod
@@ -287,7 +300,7 @@ class _ChainTerms(torch.autograd.Function):
                 "ROLLLoss's fused chain pass is differentiable once (backward(create_graph=True) was asked); "
                 "for higher-order gradients build ROLLLoss(..., fused=False)"
             )
-        n_params, n_groups, k, scale, C = ctx.meta
+        n_params, n_groups, k, scale, C, mean_over = ctx.meta
         saved = ctx.saved_tensors
         h, axes, vectors, first_scale = saved[:4]
         params = saved[4 : 4 + n_params]
@@ -295,7 +308,7 @@ class _ChainTerms(torch.autograd.Function):
         masks = saved[4 + n_params + n_groups : 4 + n_params + 2 * n_groups]
         inputs = saved[4 + n_params + 2 * n_groups :]
         weights = params[0::2]
-        needs = ctx.needs_input_grad[7:]
+        needs = ctx.needs_input_grad[8:]
         grads: list[Tensor | None] = [None] * n_params
         b = h.shape[0]
 
@@ -324,7 +337,8 @@ class _ChainTerms(torch.autograd.Function):
                 if d_in is not None:
                     torch.mul(d_in, mask, out=d_rows[:, 0])
             if g_terms is not None:
-                gt = g_terms[:, offsets[g] : offsets[g + 1]]
+                # [B, F] per neuron, or [B, 1] when the terms were averaged per example
+                gt = g_terms.unsqueeze(1) / mean_over if mean_over else g_terms[:, offsets[g] : offsets[g + 1]]
                 d_rows[:, 1:].addcmul_(tangents, (2.0 * scale) * gt.unsqueeze(1))
                 hinge = torch.where(zp.abs() < 1, zp.sign(), 0.0)  # d/dz relu(1 - |z|) = -sign(z) there
                 d_rows[:, 0].addcmul_(hinge, gt, value=-C)
@@ -349,4 +363,4 @@ class _ChainTerms(torch.autograd.Function):
         if want(0, bias=True):
             grads[1] = primal.sum(0)
         grad_h = primal @ weights[0] if ctx.needs_input_grad[0] else None
-        return (grad_h, None, None, None, None, None, None, *grads)
+        return (grad_h, None, None, None, None, None, None, None, *grads)

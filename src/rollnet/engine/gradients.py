@@ -335,8 +335,8 @@ def _plan(
 ) -> tuple[int, int]:
     """Chunk sizes (examples, directions) whose tangents fit in ``budget`` bytes."""
     b, k = x.shape[0], directions.count
-    if k == 0:
-        return b, 0
+    if k == 0 or b == 0:
+        return max(b, 1), k
     # One direction through a few examples (more than one: BatchNorm in training mode needs it).
     n = min(b, 8)
     probe = _ChunkObserver(Request(), 1, n)
@@ -438,7 +438,7 @@ def collect(
     # CPU chunks hold at most the working set each: hand memory back once a budget's worth passed
     trim = directions is not None and (bc < b or kc < k_total) and x.device.type == "cpu"
     trim_every, passes = max(1, budget // _chunk_bytes(budget, x.device)), 0
-    for b0 in range(0, b, bc):
+    for b0 in range(0, max(b, 1), bc):  # (an empty batch: one empty chunk)
         xb = x[b0 : b0 + bc]
         obs = _ChunkObserver(request, k_total, xb.shape[0])
         if directions is None:
@@ -473,9 +473,9 @@ def _collect_gram(
     """
     d = math.prod(x.shape[1:])
     b = x.shape[0]
-    chunks = []
+    chunks: list[_ChunkObserver] = []
     b0 = 0
-    while b0 < b:
+    while b0 < b or not chunks:  # (an empty batch: one empty chunk)
         xb = x[b0 : b0 + bc]
         obs = _ChunkObserver(request, d, xb.shape[0])
         # rows cost ~ D * sum(F_in * F_out); the Gram recursion ~ sum(F_in^2 * F_out):

@@ -151,6 +151,8 @@ def _active_columns(scale: Tensor, dense_above: float = 0.8) -> tuple[Tensor, Te
     Returns ``(index [b, k], scale[index])``, or ``None`` when too few scales
     are zero for the gathers to pay off (k > ``dense_above`` * F).
     """
+    if scale.shape[0] == 0:
+        return None
     nonzero = scale != 0
     k = max(int(nonzero.sum(dim=1).max()), 1)
     if k > dense_above * scale.shape[1]:

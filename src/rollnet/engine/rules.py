@@ -12,6 +12,7 @@ the module path, so an unknown operation can never produce a certificate.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -678,15 +679,16 @@ def _activation(
     z = x.clone() if in_place else x
     result = func(*args, **kwargs)
     on = z.detach() > 0
-    values = z.reshape(b, -1)
+    n = math.prod(x.shape[1:])  # (not -1: an empty batch has no size to infer)
+    values = z.reshape(b, n)
     if isinstance(t, GramTangent):
         if x.dim() != 2:
             raise GramUnsupported("activation on a tensor with more than one feature dimension")
-        trace.emit(op, values, None, on.reshape(b, -1), squared_norms=t.diagonal().expand(b, -1))
+        trace.emit(op, values, None, on.reshape(b, n), squared_norms=t.diagonal().expand(b, n))
         trace.track(result, t.scaled(_slopes(on, slope, x)))
         return result
     tangents = None if t is None else t.flatten(2)
-    trace.emit(op, values, tangents, on.reshape(b, -1))
+    trace.emit(op, values, tangents, on.reshape(b, n))
     if t is None:
         trace.track(result, None)
         return result
