@@ -58,8 +58,8 @@ class ROLLLoss(nn.Module):
         fused: with ``approx``, run plain Linear/ReLU chains (an ``nn.Sequential``
             of Linear and ReLU or LeakyReLU, a :class:`rollnet.models.MLP`)
             through one fused autograd node with a hand-written backward
-            (:mod:`rollnet.engine.chain`): the same term and gradients, about a
-            quarter less time per training step on the paper's MLP.  That node
+            (:mod:`rollnet.engine.chain`): the same term and gradients in
+            15-20% less time per training step on the paper's MLP.  That node
             is differentiable once; set ``False`` for higher-order gradients.
             Other models always go through the generic engine.
 

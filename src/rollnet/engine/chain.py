@@ -11,8 +11,8 @@ with a hand-written backward: per layer, two matmuls over the stacked rows
 (weight gradient, input gradient) and a few elementwise operations.  The
 generic engine (:mod:`rollnet.engine.capture`) instead runs the model op by op
 under a ``TorchFunctionMode`` and records an autograd node per op; on the
-paper's MLP at batch 64 the fused pass makes a whole approximate training
-step about a quarter faster (``benchmarks/bench_training.py``).
+paper's MLP at batch 64 (2-core CPU) a whole approximate training step with
+the fused pass takes 15-20% less time (``benchmarks/bench_training.py``).
 
 The result is the same computation as the engine's (the same neurons in the
 same order, the same tangents, the same conventions at z = 0), checked
