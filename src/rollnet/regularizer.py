@@ -73,7 +73,8 @@ class ROLLLoss(nn.Module):
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
         >>> roll = rollnet.ROLLLoss(lam=2.0, C=0.25)
         >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
-        >>> loss = F.cross_entropy(net(x), y) + roll(net, x)
+        >>> term, logits = roll(net, x, return_output=True)  # the term and the training forward, one pass
+        >>> loss = F.cross_entropy(logits, y) + term
         >>> loss.backward()
     """
 
