@@ -178,10 +178,14 @@ class ROLLLoss(nn.Module):
         running statistics in it.
         """
         output, terms = self._collect(model, x, update_running_stats=return_output, per_example_mean=True)
-        term = self._reduce(terms) if terms.dim() == 2 else self.lam * terms.mean()
+        term = self._reduce(terms)
         return (term, output) if return_output else term
 
     def _reduce(self, terms: Tensor) -> Tensor:
+        """lambda times the batch mean of the per-example reduction of ``terms`` ``[B, N]``, or of
+        ``[B]`` per-example means already taken (the fused chain pass, gamma = 100 only)."""
+        if terms.dim() == 1:
+            return self.lam * terms.mean()
         n = terms.shape[1]
         if terms.shape[0] == 0 or n == 0:
             return terms.sum() * 0.0

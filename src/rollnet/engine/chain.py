@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
 from rollnet.engine.gradients import DEFAULT_MEMORY_BUDGET, Directions, _budget
+from rollnet.engine.rules import _slopes
 from rollnet.models.layers import InputNormalization
 from rollnet.models.mlp import MLP
 
@@ -220,13 +221,6 @@ def chain_terms(
     return out, terms
 
 
-def _slope_mask(z: Tensor, slope: float) -> Tensor:
-    """The activation's slope at each ``z``: 1 where z > 0, else ``slope`` (the engine's convention)."""
-    if slope == 0.0:
-        return (z > 0).to(z.dtype)
-    return torch.where(z > 0, z.new_ones(()), z.new_full((), slope))
-
-
 class _ChainTerms(torch.autograd.Function):
     """Output and neuron terms of a chain, stacked rows ``[B, 1 + k, F]`` per layer, hand-written backward."""
 
@@ -269,7 +263,7 @@ class _ChainTerms(torch.autograd.Function):
                 terms.append(scale * squared + C * hinge.sum(1))
             else:
                 terms.append(scale * tangents.square().sum(1) + C * hinge)
-            mask = _slope_mask(zp, slopes[i - 1])
+            mask = _slopes(zp > 0, slopes[i - 1], zp)  # the engine's own slopes (its convention at z = 0)
             w, bias = weights[i], biases[i]
             assert w is not None
             saved_rows.append(rows)
