@@ -420,7 +420,7 @@ def collect(
     b = x.shape[0]
     k_total = 0 if directions is None else directions.count
     if directions is None:
-        bc, kc = b, 0
+        bc, kc = max(b, 1), 0  # (an empty batch still runs one empty chunk)
     elif plan is not None:
         bc, kc = plan
     else:
