@@ -5,10 +5,17 @@ input inside ``forward``, radii are in raw (for example pixel) units; if the
 data were normalised beforehand, they are in normalised units.
 
 All functions run the model in eval mode and restore every submodule's
-train/eval flag afterwards.  They are exact in float64; in float32 they
-inherit the rounding of float32 pre-activations (a neuron within rounding
-error of zero can make the true radius differ by a few float32 ulps of
-``|z|``).  For a guarantee, run the model and the input in float64.
+train/eval flag afterwards.
+
+Precision: certificates (radii, distances, stability bounds) are exact in
+float64.  In a lower precision the arithmetic alone can inflate them (a
+neuron within rounding error of its hyperplane; measured: up to 7% in
+float32), so by default (``rounding="sound"``) a float32 / float16 / bfloat16
+input is certified on a float64 copy of the model and every certificate is
+rounded toward zero into the input's dtype, one ulp inside the float64 value:
+it never exceeds the float64 certificate.  ``rounding="none"`` computes in the
+input's own precision (faster; may overclaim).  See :mod:`rollnet.rounding`
+and ``docs/precision.md``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from torch import Tensor, nn
 from rollnet.engine.gradients import Collected, Request, collect, given_directions, unit_directions
 from rollnet.engine.modes import eval_mode
 from rollnet.patterns import ActivationPatterns
+from rollnet.rounding import Rounding, Working, check_rounding, working
 
 __all__ = [
     "LinearRegions",
@@ -139,6 +147,13 @@ class LinearRegions:
         keep_gradients: also keep every neuron's full gradient
             (``[B, N, *input_shape]``, can be large); needed by
             :meth:`neuron_gradients`, which sets it on first use.
+        rounding: ``"sound"`` (default): for inputs below float64, everything is
+            computed once on a float64 copy of the model; certificates
+            (:meth:`margin`, :meth:`directional_margin`, :meth:`stability_bounds`)
+            are rounded toward zero into x's dtype, so they never exceed the
+            float64 ones; values, outputs and gradients come back rounded to
+            nearest, and the activation pattern is the float64 one.
+            ``"none"``: computed in x's own precision (see :mod:`rollnet.rounding`).
 
     Example:
         >>> import torch, rollnet
@@ -158,6 +173,7 @@ class LinearRegions:
         *,
         memory_budget: int | None = None,
         keep_gradients: bool = False,
+        rounding: Rounding = "sound",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -166,19 +182,22 @@ class LinearRegions:
         self.memory_budget = memory_budget
         self._keep_gradients = keep_gradients
         self._full: Collected | None = None
-        with torch.no_grad(), eval_mode(model):
-            self._base = collect(model, self.x, None, Request(), memory_budget=memory_budget)
+        self.rounding: Rounding = check_rounding(rounding)
+        self._work = working(model, self.x, self.rounding)
+        work = self._work
+        with torch.no_grad(), eval_mode(work.model), work.arithmetic():
+            self._base = collect(work.model, work.x, None, Request(), memory_budget=memory_budget)
 
     # -- cheap: one forward pass ------------------------------------------------
     @property
     def values(self) -> Tensor:
         """``[B, N]`` neuron values (pre-activations; max-unit differences)."""
-        return self._base.values
+        return self._work.plain(self._base.values)
 
     @property
     def output(self) -> Tensor:
         """``[B, ...]`` the model's output at x."""
-        return self._base.output
+        return self._work.plain(self._base.output)
 
     @property
     def num_neurons(self) -> int:
@@ -198,9 +217,10 @@ class LinearRegions:
             request = Request(
                 norms=(1.0, 2.0, math.inf), crossings=True, output=True, rows=self._keep_gradients
             )
-            with torch.no_grad(), eval_mode(self.model):
+            work = self._work
+            with torch.no_grad(), eval_mode(work.model), work.arithmetic():
                 self._full = collect(
-                    self.model, self.x, unit_directions(self.x.shape[1:]), request,
+                    work.model, work.x, unit_directions(self.x.shape[1:]), request,
                     memory_budget=self.memory_budget,
                 )
         return self._full
@@ -213,11 +233,11 @@ class LinearRegions:
         """
         q = _DUAL[parse_norm(p)]
         full = self._all_axes()
-        return _margin_from(full.values, full.norms[q])
+        return self._work.certificate(_margin_from(full.values, full.norms[q]))
 
     def directional_margin(self, direction: Tensor) -> Tensor:
         """``[B]`` largest t >= 0 with x + t * direction in x's region (see :func:`directional_margin`)."""
-        return _directional(self.model, self.x, direction, self.memory_budget)
+        return _directional(self._work, self.x, direction, self.memory_budget)
 
     def stability_bounds(self) -> tuple[Tensor, Tensor]:
         """``(lower, upper)``, each shaped like x: the open interval of displacements
@@ -225,34 +245,38 @@ class LinearRegions:
         (``lower <= 0 <= upper``)."""
         full = self._all_axes()
         assert full.cross_plus is not None and full.cross_minus is not None
-        return -full.cross_minus.reshape(self.x.shape), full.cross_plus.reshape(self.x.shape)
+        cert = self._work.certificate
+        return cert(-full.cross_minus.reshape(self.x.shape)), cert(full.cross_plus.reshape(self.x.shape))
 
     def jacobian(self) -> Tensor:
         """``[B, *output_shape, *input_shape]`` Jacobian of the output, constant in the region."""
         full = self._all_axes()
         assert full.output_rows is not None
         rows = full.output_rows
-        return rows.reshape(*rows.shape[:-1], *self.x.shape[1:])
+        return self._work.plain(rows.reshape(*rows.shape[:-1], *self.x.shape[1:]))
 
     def saliency(self, target: Target = None) -> Tensor:
         """Gradient of the target logit, shaped like x (Captum's ``target`` rules)."""
         full = self._all_axes()
         assert full.output_rows is not None
-        return _target_gradient(full.output_rows, full.output, target, self.x.shape)
+        return self._work.plain(_target_gradient(full.output_rows, full.output, target, self.x.shape))
 
     def neuron_gradients(self) -> tuple[Tensor, Tensor]:
         """``(z [B, N], grads [B, N, *input_shape])``: every neuron's value and input gradient."""
         self._keep_gradients = True
         full = self._all_axes()
         assert full.rows is not None
-        return full.values, full.rows.reshape(*full.rows.shape[:2], *self.x.shape[1:])
+        plain = self._work.plain
+        return plain(full.values), plain(full.rows.reshape(*full.rows.shape[:2], *self.x.shape[1:]))
 
 
 # ---------------------------------------------------------------------------
 # functions
 
 
-def margin(model: nn.Module, x: Tensor, p: Norm = 2, *, memory_budget: int | None = None) -> Tensor:
+def margin(
+    model: nn.Module, x: Tensor, p: Norm = 2, *, memory_budget: int | None = None, rounding: Rounding = "sound"
+) -> Tensor:
     """Radius of the largest lp ball around each input inside its linear region.
 
     Exact and closed form: eps_p(x) = min_j |z_j(x)| / ||grad z_j(x)||_q over all
@@ -266,6 +290,13 @@ def margin(model: nn.Module, x: Tensor, p: Norm = 2, *, memory_budget: int | Non
         p: 1, 2, or ``float("inf")`` / ``"inf"``.
         memory_budget: bytes of tangents held at once (default 1 GiB; on a CUDA device
             a quarter of its free memory when that is more).
+        rounding: ``"sound"`` (default): the radius never exceeds the float64
+            one. For x below float64 (float32, float16, bfloat16) it is computed
+            on a float64 copy of the model and rounded toward zero into x's
+            dtype, one ulp inside the float64 value; float64 inputs are computed
+            as they are.  ``"none"``: computed in x's own precision, faster, but
+            rounding can inflate it (measured: up to 7% in float32).  See
+            :mod:`rollnet.rounding`.
 
     Returns:
         ``[B]`` radii in the units of the model's input (``inf`` where no neuron can flip).
@@ -280,14 +311,19 @@ def margin(model: nn.Module, x: Tensor, p: Norm = 2, *, memory_budget: int | Non
     """
     q = _DUAL[parse_norm(p)]
     x = check_input(x)
+    rounding = check_rounding(rounding)
     if x.shape[0] == 0:
         return x.new_empty(0)
-    with torch.no_grad(), eval_mode(model):
-        got = collect(model, x, unit_directions(x.shape[1:]), Request(norms=(q,)), memory_budget=memory_budget)
-    return _margin_from(got.values, got.norms[q])
+    work = working(model, x, rounding)
+    with torch.no_grad(), eval_mode(work.model), work.arithmetic():
+        got = collect(
+            work.model, work.x, unit_directions(x.shape[1:]), Request(norms=(q,)), memory_budget=memory_budget
+        )
+    return work.certificate(_margin_from(got.values, got.norms[q]))
 
 
-def _directional(model: nn.Module, x: Tensor, direction: Tensor, memory_budget: int | None) -> Tensor:
+def _directional(work: Working, x: Tensor, direction: Tensor, memory_budget: int | None) -> Tensor:
+    """The directional margin of ``x`` (the caller's input), computed on ``work``."""
     x = check_input(x)
     if not isinstance(direction, Tensor):
         raise TypeError("direction must be a tensor shaped like x or like one example")
@@ -309,15 +345,18 @@ def _directional(model: nn.Module, x: Tensor, direction: Tensor, memory_budget: 
         raise ValueError(f"direction is zero (for examples {which[:10]}); a direction must be non-zero")
     if x.shape[0] == 0:
         return x.new_empty(0)
-    with torch.no_grad(), eval_mode(model):
-        got = collect(model, x, given_directions(direction.unsqueeze(0), x), Request(crossings=True),
+    # (a float32 direction is exact in float64: the float64 stand-in sees the same direction)
+    vectors = work.cast(direction).unsqueeze(0)
+    with torch.no_grad(), eval_mode(work.model), work.arithmetic():
+        got = collect(work.model, work.x, given_directions(vectors, work.x), Request(crossings=True),
                       memory_budget=memory_budget)
     assert got.cross_plus is not None
-    return got.cross_plus[:, 0]
+    return work.certificate(got.cross_plus[:, 0])
 
 
 def directional_margin(
-    model: nn.Module, x: Tensor, direction: Tensor, *, memory_budget: int | None = None
+    model: nn.Module, x: Tensor, direction: Tensor, *, memory_budget: int | None = None,
+    rounding: Rounding = "sound",
 ) -> Tensor:
     """Largest t >= 0 such that x + s * direction keeps x's pattern for all 0 <= s < t.
 
@@ -330,6 +369,8 @@ def directional_margin(
         x: ``[B, *input_shape]`` inputs.
         direction: shaped like x (one per example) or like one example (shared);
             must be non-zero.
+        rounding: ``"sound"`` (default) or ``"none"``, as in :func:`margin`: with
+            ``"sound"``, t never exceeds the float64 distance.
 
     Returns:
         ``[B]`` the distance t along the direction.
@@ -340,11 +381,15 @@ def directional_margin(
         >>> rollnet.directional_margin(net, torch.randn(3, 2), torch.tensor([1.0, 0.0])).shape
         torch.Size([3])
     """
-    return _directional(model, x, direction, memory_budget)
+    x = check_input(x)
+    rounding = check_rounding(rounding)
+    if x.shape[0] == 0:  # (validates the direction first, without copying the model)
+        return _directional(working(model, x, "none"), x, direction, memory_budget)
+    return _directional(working(model, x, rounding), x, direction, memory_budget)
 
 
 def stability_bounds(
-    model: nn.Module, x: Tensor, *, memory_budget: int | None = None
+    model: nn.Module, x: Tensor, *, memory_budget: int | None = None, rounding: Rounding = "sound"
 ) -> tuple[Tensor, Tensor]:
     """Per-coordinate stability intervals: how far each input coordinate alone can move.
 
@@ -352,6 +397,10 @@ def stability_bounds(
     moving coordinate k alone by delta with ``lower[k] < delta < upper[k]``
     keeps the activation pattern (so the gradients) exactly.  For sequences,
     every time step and channel gets its own interval.
+
+    ``rounding="sound"`` (default) or ``"none"``, as in :func:`margin`: with
+    ``"sound"``, both bounds are rounded toward zero, so each interval lies
+    inside the float64 one.
 
     Example:
         >>> import torch, rollnet
@@ -361,13 +410,15 @@ def stability_bounds(
         (torch.Size([2, 3]), torch.Size([2, 3]))
     """
     x = check_input(x)
+    rounding = check_rounding(rounding)
     if x.shape[0] == 0:
         return x.new_empty(x.shape), x.new_empty(x.shape)
-    with torch.no_grad(), eval_mode(model):
-        got = collect(model, x, unit_directions(x.shape[1:]), Request(crossings=True),
+    work = working(model, x, rounding)
+    with torch.no_grad(), eval_mode(work.model), work.arithmetic():
+        got = collect(work.model, work.x, unit_directions(x.shape[1:]), Request(crossings=True),
                       memory_budget=memory_budget)
     assert got.cross_plus is not None and got.cross_minus is not None
-    return -got.cross_minus.reshape(x.shape), got.cross_plus.reshape(x.shape)
+    return work.certificate(-got.cross_minus.reshape(x.shape)), work.certificate(got.cross_plus.reshape(x.shape))
 
 
 def activation_pattern(model: nn.Module, x: Tensor) -> ActivationPatterns:
@@ -415,7 +466,8 @@ def neuron_gradients(
 
 
 def certified_saliency(
-    model: nn.Module, x: Tensor, target: Target = None, p: Norm = 2, *, memory_budget: int | None = None
+    model: nn.Module, x: Tensor, target: Target = None, p: Norm = 2, *, memory_budget: int | None = None,
+    rounding: Rounding = "sound",
 ) -> tuple[Tensor, Tensor]:
     """The gradient of the target logit and the lp radius within which it is exactly constant.
 
@@ -425,6 +477,9 @@ def certified_saliency(
         target: Captum's rules: an int (same logit for all), a list or
             tensor with one index per example, or ``None`` for a single output.
         p: norm of the radius: 1, 2 or inf.
+        rounding: ``"sound"`` (default) or ``"none"``, as in :func:`margin`: with
+            ``"sound"`` the radius never exceeds the float64 one, and the
+            saliency is the float64 gradient rounded to x's dtype.
 
     Returns:
         ``(saliency, radius)``: saliency shaped like x, radius ``[B]``.
@@ -438,11 +493,14 @@ def certified_saliency(
     """
     q = _DUAL[parse_norm(p)]
     x = check_input(x)
-    with torch.no_grad(), eval_mode(model):
-        got = collect(model, x, unit_directions(x.shape[1:]), Request(norms=(q,), output=True),
+    rounding = check_rounding(rounding)
+    work = working(model, x, rounding) if x.shape[0] else working(model, x, "none")
+    with torch.no_grad(), eval_mode(work.model), work.arithmetic():
+        got = collect(work.model, work.x, unit_directions(x.shape[1:]), Request(norms=(q,), output=True),
                       memory_budget=memory_budget)
     assert got.output_rows is not None
-    return _target_gradient(got.output_rows, got.output, target, x.shape), _margin_from(got.values, got.norms[q])
+    saliency = _target_gradient(got.output_rows, got.output, target, x.shape)
+    return work.plain(saliency), work.certificate(_margin_from(got.values, got.norms[q]))
 
 
 def _batches(data: Any, batch_size: int) -> Iterable[Tensor]:
