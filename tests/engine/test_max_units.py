@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 import rollnet
 from rollnet.engine.gradients import Request, collect, unit_directions
-from rollnet.engine.max_units import adaptive_windows, pool_windows
+from rollnet.engine.rules.max_units import adaptive_windows, pool_windows
 from tests.oracles import oracle_margin, sample_ball, worst_direction
 from tests.zoo_max import (
     MaxoutNet,

@@ -145,7 +145,7 @@ def test_first_layer_reads_unit_tangents_off_its_weight_after_flattening(flatten
 def test_first_layer_node_passes_gradcheck(bias: bool, shared: bool) -> None:
     """The fused first-layer node (the linear output and the weight columns W[:, k] in one backward)
     against finite differences, with repeated indices, and with either output left unused."""
-    from rollnet.engine.rules import _FirstLayer
+    from rollnet.engine.rules.affine import FirstLayer as _FirstLayer
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 6, dtype=torch.float64, generator=gen, requires_grad=True)

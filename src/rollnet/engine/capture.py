@@ -1,279 +1,42 @@
 """Run a model once and linearize it on the fly.
 
 While the model's own ``forward`` runs, a :class:`torch.overrides.TorchFunctionMode`
-sees every torch call.  Each tensor that depends on the input is *tracked*: it
-carries a tangent of shape ``[K, *tensor.shape]``, the derivative of the
-tensor along K input directions (forward-mode differentiation of the network
-with its activation pattern frozen, batched over directions).  The rule for each
-call comes from :mod:`rollnet.engine.rules`; a call with a tracked argument and
-no rule is refused with the module path that made it, so nothing unknown can
-slip into a certificate.
-
-Every input of a piecewise-linear operation is a *neuron*; the rules report
-them as :class:`NeuronGroup` objects to an observer as they are met.
+sees every torch call.  A call that involves a tensor depending on the input
+goes to the rules' :func:`~rollnet.engine.rules.dispatch` (passed to the mode,
+not looked up per call), which computes the result and its tangent, checks
+that no example's values depend on another example, and reports neurons; a
+call with no rule is refused with the module path that made it, so nothing
+unknown can slip into a certificate.  The state of one pass lives in a
+:class:`~rollnet.engine.tracing.Trace`.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from rollnet.errors import UnsupportedOperationError
+from rollnet.engine.rules import Dispatch, dispatch
+from rollnet.engine.tracing import (
+    MaskedTangent,
+    NeuronGroup,
+    NeuronObserver,
+    Trace,
+    batch_shared,
+    iter_values,
+)
 
-__all__ = ["MaskedTangent", "NeuronGroup", "NeuronObserver", "Trace", "run_traced"]
-
-
-@dataclass
-class NeuronGroup:
-    """The neurons of one piecewise-linear call.
-
-    Attributes:
-        index: position of the call in execution order (0, 1, ...).
-        module_path: dotted path of the module that made the call.
-        op: name of the operation (``"relu"``, ``"leaky_relu"``, ``"max_pool2d"``, ...).
-        values: ``[B, n]`` neuron values z_j(x); a neuron is *on* when ``z_j > 0``
-            for ReLU-like units; for max units it is the (non-negative)
-            difference between the selected input and another input.
-        tangents: ``[K, B, n]`` derivatives of the values along the K input
-            directions, or ``None`` in a pass without directions.  May have
-            stride 0 along the batch dimension.
-        squared_norms: ``[B, n]`` squared l2 norms of the neuron gradients, when
-            the pass computes them by a Gram recursion instead of tangents.
-        pattern: ``[B, m]`` the group's part of the activation pattern: ``bool``
-            signs for ReLU-like units, ``int64`` selected indices for max units.
-        always_on: ``True`` for max-unit differences, which must stay >= 0 (a
-            zero difference is a tie and flips at once); ``False`` for
-            ReLU-like neurons, which are on iff ``z > 0``.
-    """
-
-    index: int
-    module_path: str
-    op: str
-    values: Tensor
-    tangents: Tensor | None
-    pattern: Tensor
-    always_on: bool = False
-    squared_norms: Tensor | None = None
-
-    def signs(self) -> Tensor:
-        """``[B, n]`` +1 for neurons that are on, -1 for those that are off."""
-        if self.always_on:
-            return torch.ones_like(self.values)
-        return torch.where(self.values > 0, 1.0, -1.0).to(self.values.dtype)
-
-
-class MaskedTangent:
-    """The tangent ``raw * mask`` of an activation's output, formed on first use.
-
-    ``raw`` ``[K, B, *shape]`` is the activation input's tangent, ``mask`` ``[B, *shape]``
-    its slopes.  A following linear layer may instead fold the mask into its
-    weight (``W diag(mask_b)`` per example), which moves fewer bytes when the
-    layer has fewer outputs than there are directions; any other reader gets
-    the product.
-    """
-
-    __slots__ = ("_value", "mask", "raw")
-
-    def __init__(self, raw: Tensor, mask: Tensor) -> None:
-        self.raw = raw
-        self.mask = mask
-        self._value: Tensor | None = None
-
-    @property
-    def formed(self) -> bool:
-        return self._value is not None
-
-    @property
-    def nbytes(self) -> int:
-        return self.raw.numel() * self.raw.element_size()
-
-    def value(self) -> Tensor:
-        if self._value is None:
-            self._value = self.raw * self.mask
-        return self._value
-
-
-class NeuronObserver(Protocol):
-    """Receives the neurons and the output of one traced forward pass."""
-
-    def neurons(self, group: NeuronGroup) -> None:
-        """Called once per piecewise-linear call, in execution order."""
-
-    def output(self, value: Tensor, tangent: Tensor | None) -> None:
-        """Called once with the model's output ``[B, ...]`` and its tangent ``[K, B, ...]``."""
-
-
-class Trace:
-    """State shared by the rules during one traced forward pass.
-
-    Args:
-        batch_size: B, the number of examples (dim 0 of the input).
-        observer: receives neuron groups and the output.
-        allow_batch_statistics: accept BatchNorm with batch statistics and
-            train-mode Dropout (used by the regulariser during training);
-            when ``False`` they are refused, as a certificate needs a fixed
-            function of each example.
-    """
-
-    def __init__(
-        self,
-        batch_size: int,
-        observer: NeuronObserver,
-        *,
-        allow_batch_statistics: bool = False,
-        update_running_stats: bool = False,
-    ) -> None:
-        self.batch_size = batch_size
-        self.observer = observer
-        self.allow_batch_statistics = allow_batch_statistics
-        self.update_running_stats = update_running_stats
-        self.module_stack: list[str] = []
-        self.num_groups = 0
-        # id(tensor) -> (weak reference to the tensor, tangent or None)
-        self._entries: dict[int, tuple[weakref.ref[Tensor], Tensor | None]] = {}
-        # id(tensor) -> indices of the unit directions its tangent holds
-        self._unit: dict[int, Tensor] = {}
-        # bytes held by live tangents (dense count, so views are over-counted), and the peak
-        self._sizes: dict[int, int] = {}
-        self.live_bytes = 0
-        self.peak_bytes = 0
-
-    # -- tracking -----------------------------------------------------------
-    def is_tracked(self, value: Any) -> bool:
-        if not isinstance(value, Tensor):
-            return False
-        entry = self._entries.get(id(value))
-        return entry is not None and entry[0]() is value
-
-    def tangent(self, value: Tensor) -> Any:
-        """Tangent ``[K, *value.shape]`` of a tracked tensor (None in a pass without directions)."""
-        entry = self._entries.get(id(value))
-        if entry is None or entry[0]() is not value:
-            raise KeyError("tensor is not tracked")
-        t = entry[1]
-        return t.value() if isinstance(t, MaskedTangent) else t
-
-    def masked(self, value: Tensor) -> MaskedTangent | None:
-        """The pending ``raw * mask`` of a tracked tensor whose product nobody has formed yet."""
-        entry = self._entries.get(id(value))
-        if entry is None or entry[0]() is not value:
-            return None
-        t = entry[1]
-        return t if isinstance(t, MaskedTangent) and not t.formed else None
-
-    def unit_indices(self, value: Tensor) -> Tensor | None:
-        """If ``value`` is the input (or a batch-first reshape of it) and its tangents are unit
-        vectors e_k, their indices k (flat per-example coordinates)."""
-        if self.is_tracked(value):
-            return self._unit.get(id(value))
-        return None
-
-    def track(self, value: Tensor, tangent: Any, *, unit: Tensor | None = None) -> None:
-        """Mark ``value`` as depending on the input, with the given tangent.
-
-        ``tangent`` is a ``[K, *value.shape]`` tensor, ``None`` in a pass
-        without directions, or a :class:`~rollnet.engine.gram.GramTangent`.
-        """
-        if isinstance(tangent, Tensor) and tangent.shape[1:] != value.shape:
-            raise RuntimeError(
-                f"internal error: tangent {tuple(tangent.shape)} for a tensor {tuple(value.shape)}"
-            )
-        key = id(value)
-        entries = self._entries
-        units = self._unit
-        sizes = self._sizes
-
-        def _forget(_: object, key: int = key) -> None:
-            entries.pop(key, None)
-            units.pop(key, None)
-            self.live_bytes -= sizes.pop(key, 0)
-
-        self.live_bytes -= sizes.pop(key, 0)
-        if tangent is not None:
-            nbytes = (
-                tangent.numel() * tangent.element_size() if isinstance(tangent, Tensor) else int(tangent.nbytes)
-            )
-            sizes[key] = nbytes
-            self.live_bytes += nbytes
-            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-        self._entries[key] = (weakref.ref(value, _forget), tangent)
-        if unit is not None:
-            self._unit[key] = unit
-        else:
-            self._unit.pop(key, None)
-
-    def release(self) -> None:
-        """Drop every tangent: tensors that outlive the pass (neuron values kept by an
-        observer, the output) must not keep the pass's tangents alive."""
-        self._entries.clear()
-        self._unit.clear()
-        self._sizes.clear()
-        self.live_bytes = 0
-
-    # -- reporting ----------------------------------------------------------
-    @property
-    def module_path(self) -> str:
-        return self.module_stack[-1] if self.module_stack else ""
-
-    def refuse(self, op: str, reason: str) -> UnsupportedOperationError:
-        return UnsupportedOperationError(self.module_path, op, reason)
-
-    def emit(
-        self,
-        op: str,
-        values: Tensor,
-        tangents: Tensor | None,
-        pattern: Tensor,
-        *,
-        always_on: bool = False,
-        squared_norms: Tensor | None = None,
-    ) -> None:
-        """Report one group of neurons (values ``[B, n]``, tangents ``[K, B, n]``)."""
-        group = NeuronGroup(
-            index=self.num_groups,
-            module_path=self.module_path,
-            op=op,
-            values=values,
-            tangents=tangents,
-            pattern=pattern,
-            always_on=always_on,
-            squared_norms=squared_norms,
-        )
-        self.num_groups += 1
-        self.observer.neurons(group)
-
-
-def batch_shared(t: Tensor) -> bool:
-    """True if a tangent ``[K, B, ...]`` is the same for every example (stride 0 along B)."""
-    return t.dim() >= 2 and t.shape[1] > 1 and t.stride(1) == 0
-
-
-def op_name(func: Callable[..., Any]) -> str:
-    """A readable name for a torch callable (``torch.nn.functional.gelu``, ``Tensor.sigmoid``)."""
-    name = getattr(func, "__name__", repr(func))
-    if name == "__get__":
-        owner = getattr(func, "__self__", None)
-        return f"Tensor.{getattr(owner, '__name__', '?')}"
-    qual = getattr(func, "__qualname__", name)
-    if qual.startswith("TensorBase.") or qual.startswith("Tensor."):
-        return "Tensor." + qual.split(".", 1)[1]
-    module = getattr(func, "__module__", None) or "torch"
-    if module.startswith("torch._C"):
-        module = "torch.nn.functional" if "_nn" in module else "torch"
-    return f"{module}.{name}"
+__all__ = ["MaskedTangent", "NeuronGroup", "NeuronObserver", "Trace", "batch_shared", "run_traced"]
 
 
 class _TracingMode(TorchFunctionMode):
-    def __init__(self, trace: Trace) -> None:
+    def __init__(self, trace: Trace, dispatch: Dispatch) -> None:
         super().__init__()
         self.trace = trace
+        self.dispatch = dispatch
 
     def __torch_function__(
         self,
@@ -282,27 +45,19 @@ class _TracingMode(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        from rollnet.engine.rules import dispatch
-
         kwargs = kwargs or {}
-        if not _has_tracked(self.trace, args, kwargs):
+        if not _involves_input(self.trace, args, kwargs):
             return func(*args, **kwargs)
-        return dispatch(self.trace, func, args, kwargs)
+        return self.dispatch(self.trace, func, args, kwargs)
 
 
-def _has_tracked(trace: Trace, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    for value in _iter_values(args):
-        if trace.is_tracked(value):
+def _involves_input(trace: Trace, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a call reads a tracked tensor, or a copy cut off from one."""
+    tainted = trace.any_tainted
+    for value in iter_values((*args, *kwargs.values())):
+        if trace.is_tracked(value) or (tainted and trace.is_tainted(value)):
             return True
-    return any(trace.is_tracked(v) for v in _iter_values(tuple(kwargs.values())))
-
-
-def _iter_values(values: tuple[Any, ...] | list[Any]) -> Iterator[Any]:
-    for v in values:
-        if isinstance(v, (list, tuple)):
-            yield from _iter_values(v)
-        else:
-            yield v
+    return False
 
 
 @contextmanager
@@ -358,8 +113,11 @@ def run_traced(
         update_running_stats=update_running_stats,
     )
     trace.track(x, tangent, unit=unit)
+    if x.dim() == 0:
+        raise ValueError("the input must have a batch dimension first: [B, *input_shape]")
+    trace.set_batch_dim(x, 0)
     try:
-        with _module_paths(model, trace.module_stack), _TracingMode(trace):
+        with _module_paths(model, trace.module_stack), _TracingMode(trace, dispatch):
             out = model(x)
         _report_output(trace, observer, out, tangent)
     finally:
@@ -372,7 +130,18 @@ def _report_output(trace: Trace, observer: NeuronObserver, out: Any, tangent: An
         raise TypeError(
             f"the model must return one tensor of logits [B, L]; it returned {type(out).__name__}"
         )
+    if trace.is_tainted(out):
+        raise trace.refuse(
+            "the model's output", "it is computed from a detached copy of an input-dependent tensor "
+            "(detach, .data or a NumPy copy), so its dependence on the input is unknown",
+        )
     if trace.is_tracked(out):
+        if trace.batch_dim(out) != 0:
+            raise trace.refuse(
+                "the model's output",
+                f"its examples lie along dimension {trace.batch_dim(out)}, not the first; return "
+                "[B, ...] logits",
+            )
         t_out = trace.tangent(out)
         observer.output(out, t_out if isinstance(t_out, Tensor) else None)
     else:

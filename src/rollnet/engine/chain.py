@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
 from rollnet.engine.gradients import DEFAULT_MEMORY_BUDGET, Directions, _budget
-from rollnet.engine.rules import _slopes
+from rollnet.engine.rules.activations import slopes as _slopes
 from rollnet.models.layers import InputNormalization
 from rollnet.models.mlp import MLP
 

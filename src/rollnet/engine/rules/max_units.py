@@ -28,7 +28,8 @@ reduced dimensions).  A tie whose two inputs have the same gradient (the
 difference is identically zero in the region) imposes no constraint, like
 any neuron with a zero gradient.
 
-The rules here register themselves into :data:`rollnet.engine.rules.RULES`.
+The rules here register themselves into :data:`rollnet.engine.rules.RULES`; they need
+the batch first (dimension 0) and never reduce over it.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rollnet.engine.capture import Trace, op_name
-from rollnet.engine.rules import register
+from rollnet.engine.rules.batch import BATCH_FIRST_ELEMENTWISE, BatchRole, Call, Layer
+from rollnet.engine.rules.common import broadcast_tangent
+from rollnet.engine.rules.registry import register
+from rollnet.engine.tracing import Trace, op_name
 
 __all__ = ["adaptive_windows", "pool_windows"]
 
@@ -296,15 +299,14 @@ _ADAPTIVE: dict[Any, tuple[int, bool | None]] = {
 
 def _finish_pool(trace: Trace, op: str, x: Tensor, out: Tensor, sel: Tensor, key: tuple[Any, ...]) -> None:
     """Report the pooling's max units and track its output."""
-    b, c = x.shape[0], x.shape[1]
-    u = x.reshape(b, c, -1)
+    b, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])  # (not -1: an empty batch has no size to infer)
+    u = x.reshape(b, c, s)
     t = trace.tangent(x)
-    tf = None if t is None else t.reshape(t.shape[0], b, c, -1)
-    t_sel = _max_unit(trace, op, u, tf, sel.reshape(b, c, -1), key, 1.0)
+    tf = None if t is None else t.reshape(t.shape[0], b, c, s)
+    t_sel = _max_unit(trace, op, u, tf, sel.reshape(b, c, math.prod(sel.shape[2:])), key, 1.0)
     trace.track(out, None if t_sel is None else t_sel.reshape(t_sel.shape[0], *out.shape))
 
 
-@register(*_POOLS)
 def max_pool(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """MaxPool1d/2d/3d, any kernel, stride, padding, dilation and ceil_mode."""
     spatial, returns = _POOLS[func]
@@ -326,7 +328,6 @@ def max_pool(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwar
     return (out, sel) if with_indices else out
 
 
-@register(*_ADAPTIVE)
 def adaptive_max_pool(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """AdaptiveMaxPool1d/2d/3d (windows [floor(o I / O), ceil((o + 1) I / O)))."""
     spatial, returns = _ADAPTIVE[func]
@@ -338,6 +339,12 @@ def adaptive_max_pool(trace: Trace, func: Callable[..., Any], args: tuple[Any, .
     _finish_pool(trace, op, x, out, sel, key)
     with_indices = bool(bound["return_indices"]) if returns is None else returns
     return (out, sel) if with_indices else out
+
+
+for _spatial in (1, 2, 3):
+    _layout = Layer(_spatial + 2, layout="[B, C, " + ", ".join("*" * _spatial) + "]")
+    register(*[f for f, (s, _) in _POOLS.items() if s == _spatial], batch=_layout)(max_pool)
+    register(*[f for f, (s, _) in _ADAPTIVE.items() if s == _spatial], batch=_layout)(adaptive_max_pool)
 
 
 # ---------------------------------------------------------------------------
@@ -370,7 +377,30 @@ def _dims(trace: Trace, op: str, dim: Any, ndim: int) -> list[int]:
     return dims
 
 
-@register(*_REDUCE)
+class _MaxReduction(BatchRole):
+    """``max(x, dim)`` keeps the batch first (the rule refuses dim 0); ``max(a, b)`` is elementwise."""
+
+    def check_inputs(self, trace: Trace, call: Call) -> None:
+        if _pairwise(call.args, call.kwargs):
+            BATCH_FIRST_ELEMENTWISE.check_inputs(trace, call)
+        else:
+            _BATCH_FIRST.check_inputs(trace, call)
+
+    def result_dims(self, trace: Trace, call: Call, results: list[Tensor]) -> list[int]:
+        if _pairwise(call.args, call.kwargs):
+            return BATCH_FIRST_ELEMENTWISE.result_dims(trace, call, results)
+        return _BATCH_FIRST.result_dims(trace, call, results)
+
+
+_BATCH_FIRST = Layer(1, at_least=True, layout="[B, ...]")
+
+
+def _pairwise(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    other = args[1] if len(args) > 1 else kwargs.get("other")
+    return isinstance(other, Tensor)
+
+
+@register(*_REDUCE, batch=_MaxReduction())
 def reduce_max(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Maxout: ``torch.max(x, dim)``, ``x.amax(dims)`` (and min, amin) over non-batch dimensions."""
     op, has_indices = _REDUCE[func]
@@ -396,10 +426,11 @@ def reduce_max(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kw
     kept = [d for d in range(x.dim()) if d not in dims]
     moved = x.permute(*kept, *dims)
     width = math.prod(x.shape[d] for d in dims)
-    u = moved.reshape(b, -1, width)
+    units = math.prod(x.shape[d] for d in kept[1:])  # (not -1: an empty batch has no size to infer)
+    u = moved.reshape(b, units, width)
     if has_indices:
         values, sel = result[0], result[1]
-        sel = sel.reshape(b, -1, 1)
+        sel = sel.reshape(b, units, 1)
     else:
         values = result
         picked = torch.max(u, -1) if op == "amax" else torch.min(u, -1)
@@ -407,14 +438,14 @@ def reduce_max(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kw
     t = trace.tangent(x)
     tu = None
     if t is not None:
-        tu = t.permute(0, *[d + 1 for d in kept], *[d + 1 for d in dims]).reshape(t.shape[0], b, -1, width)
+        tu = t.permute(0, *[d + 1 for d in kept], *[d + 1 for d in dims]).reshape(t.shape[0], b, units, width)
     sign = 1.0 if op in ("max", "amax") else -1.0
     t_sel = _max_unit(trace, op, u, tu, sel, ("all", (width,)), sign)
     trace.track(values, None if t_sel is None else t_sel.reshape(t_sel.shape[0], *values.shape))
     return result
 
 
-@register(*_ELEMENTWISE)
+@register(*_ELEMENTWISE, batch=BATCH_FIRST_ELEMENTWISE)
 def elementwise_max(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``torch.maximum(a, b)`` (and minimum): a max unit of two inputs per element."""
     a = args[0] if args else kwargs.get("input")
@@ -443,9 +474,10 @@ def _elementwise(
     shape = result.shape
     av = torch.as_tensor(a, dtype=result.dtype, device=result.device).expand(shape)
     bv = torch.as_tensor(b, dtype=result.dtype, device=result.device).expand(shape)
-    u = torch.stack([av, bv], dim=-1).reshape(bsz, -1, 2)
+    units = math.prod(shape[1:])  # (not -1: an empty batch has no size to infer)
+    u = torch.stack([av, bv], dim=-1).reshape(bsz, units, 2)
     pick_b = (bv > av) if op == "maximum" else (bv < av)
-    sel = pick_b.to(torch.int64).reshape(bsz, -1, 1)
+    sel = pick_b.to(torch.int64).reshape(bsz, units, 1)
     tangents = [trace.tangent(v) if trace.is_tracked(v) else None for v in (a, b)]
     present = [tg for tg in tangents if tg is not None]
     tu = None
@@ -453,18 +485,11 @@ def _elementwise(
         kk = present[0].shape[0]
         zero = present[0].new_zeros(())
         full = [
-            zero.expand(kk, *shape) if tg is None else _expand_tangent(tg, shape)
+            zero.expand(kk, *shape) if tg is None else broadcast_tangent(tg, shape)
             for tg in tangents
         ]
-        tu = torch.stack(full, dim=-1).reshape(kk, bsz, -1, 2)
+        tu = torch.stack(full, dim=-1).reshape(kk, bsz, units, 2)
     sign = 1.0 if op == "maximum" else -1.0
     t_sel = _max_unit(trace, op, u, tu, sel, ("all", (2,)), sign)
     trace.track(result, None if t_sel is None else t_sel.reshape(t_sel.shape[0], *shape))
     return result
-
-
-def _expand_tangent(t: Tensor, shape: torch.Size) -> Tensor:
-    extra = len(shape) - (t.dim() - 1)
-    if extra > 0:
-        t = t.reshape(t.shape[0], *([1] * extra), *t.shape[1:])
-    return t.expand(t.shape[0], *shape)
