@@ -231,7 +231,11 @@ class Reshape(BatchRole):
                 "them; keep the batch as its own dimension (for example x.flatten(1), "
                 "x.view(x.shape[0], -1))",
             )
-        return [d if d in places else places[0]]
+        if len(places) > 1:  # only with one example: dimensions of size 1 are ambiguous
+            suffix = [i for i in places if r.shape[i + 1 :] == source.shape[d + 1 :]]
+            prefix = [i for i in places if r.shape[:i] == source.shape[:d]]
+            places = suffix or prefix or ([d] if d in places else places)
+        return [places[0]]
 
 
 RESHAPE = Reshape()
