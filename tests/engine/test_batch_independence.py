@@ -72,6 +72,9 @@ MIXING: dict[str, Callable[[Tensor], Tensor]] = {
     "transpose_mismatch": lambda h: h + h.t().reshape(B, H),
     "repeat_batch": lambda h: h.repeat(2, 1)[1 : B + 1],
     "pad_batch": lambda h: F.pad(h.t(), (1, 0))[:, :B].t(),
+    "int_index": lambda h: h + h[0],
+    "product_over_batch": lambda h: (h.t() @ _M.to(h.dtype)).t(),
+    "ellipsis_slice": lambda h: torch.cat([h[..., 1:, :], h[..., :1, :]]),
 }
 
 MOVING: dict[str, Callable[[Tensor], Tensor]] = {
@@ -262,6 +265,16 @@ _BN = nn.BatchNorm1d(D).double().eval()
 RULE_CASES: dict[str, tuple[Callable[[Tensor], Tensor], tuple[int, ...]]] = {
     "activations.relu": _lam(lambda x: torch.relu(x @ _W)),
     "activations.leaky_relu": _lam(lambda x: F.leaky_relu(x @ _W, 0.2)),
+    "activations.absolute": _lam(lambda x: torch.abs(x @ _W - 0.1)),
+    "activations.clamp": _lam(lambda x: (x @ _W).clamp(-0.5, 0.5)),
+    "activations.clamp_by_units": _lam(lambda x: (x @ _W).clamp(min=x.flip(1) @ _W * 0.5)),
+    "activations.compare": _lam(lambda x: (x @ _W) * ((x @ _W) > x.sum(1, keepdim=True))),
+    "activations.hardtanh": _lam(lambda x: F.hardtanh(x @ _W, -0.5, 0.5)),
+    "activations.masked_fill": _lam(lambda x: (x @ _W).masked_fill((x @ _W < 0.2) & (x[:, :1] > 0), 0.3)),
+    "activations.mask_flow": _lam(lambda x: x * (x > 0).view(x.shape[0], 2, 2).flip(2).flatten(1).float()),
+    "activations.prelu": _lam(lambda x: F.prelu(x @ _W, torch.full((H,), 0.2, dtype=x.dtype))),
+    "activations.relu6": _lam(lambda x: F.relu6(4 * (x @ _W))),
+    "activations.where": _lam(lambda x: torch.where(x @ _W > 0.1, x @ _W, -2 * (x @ _W))),
     "affine.add": _lam(lambda x: F.relu(x + x.flip(1) - 0.3)),
     "affine.add_product": _lam(lambda x: F.relu(torch.addmm(_W[0], x, _W))),
     "affine.average_pool": _lam(lambda x: F.relu(F.avg_pool1d(x, 2)).flatten(1), (2, 4)),
@@ -277,7 +290,8 @@ RULE_CASES: dict[str, tuple[Callable[[Tensor], Tensor], tuple[int, ...]]] = {
     "structural.convert": _lam(lambda x: F.relu(x.float().double())),
     "structural.pad": _lam(lambda x: F.relu(F.pad(x, (1, 1), value=0.5))),
     "structural.reshape": _lam(lambda x: F.relu(x.reshape(x.shape[0], 2, 2).flatten(1))),
-    "structural.structural": _lam(lambda x: F.relu(torch.cat([x[:, 1:], -x[:, :1]], 1).cumsum(1))),
+    "structural.structural": _lam(lambda x: F.relu(torch.cat([x[:, 1:], -x[:, :1]], 1).cumsum(1)[..., None, :][:, 0, 1:])),
+    "matrix_product": _lam(lambda x: F.relu(torch.relu(x @ _W) @ _W.t() @ _W)),
 }
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rollnet.engine.gram import GramTangent, GramUnsupported
-from rollnet.engine.rules.batch import ELEMENTWISE, LINEAR_PROBE, Layer
+from rollnet.engine.rules.batch import ELEMENTWISE, LINEAR_PROBE, MATRIX_PRODUCT, Layer
 from rollnet.engine.rules.common import (
     broadcast_tangent,
     check_float,
@@ -104,11 +104,11 @@ _ELEMENTWISE_SCALE = [
 ]
 # Contractions (matrix products, einsum): they may sum over the batch dimension, so the batch
 # dimension of the result is measured.
-_CONTRACTIONS = [
-    torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__,
-    torch.mm, torch.Tensor.mm, torch.bmm, torch.Tensor.bmm, torch.mv, torch.Tensor.mv,
-    torch.einsum, torch.tensordot, torch.outer, torch.kron,
+_MATRIX_PRODUCTS = [
+    torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm,
+    torch.bmm, torch.Tensor.bmm, torch.mv, torch.Tensor.mv,
 ]
+_CONTRACTIONS = [torch.Tensor.__rmatmul__, torch.einsum, torch.tensordot, torch.outer, torch.kron]
 _DIVISIONS = {torch.div, torch.divide, torch.true_divide, torch.Tensor.div, torch.Tensor.__truediv__,
               torch.Tensor.__itruediv__, torch.Tensor.div_}
 _REVERSED_DIVISIONS = {torch.Tensor.__rdiv__, torch.Tensor.__rtruediv__}
@@ -120,6 +120,7 @@ _IN_PLACE_SCALE = {torch.Tensor.__imul__, torch.Tensor.mul_, torch.Tensor.__itru
 
 
 @register(*_ELEMENTWISE_SCALE, batch=ELEMENTWISE)
+@register(*_MATRIX_PRODUCTS, batch=MATRIX_PRODUCT)
 @register(*_CONTRACTIONS, batch=LINEAR_PROBE)
 def scale(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Products in which exactly one factor depends on the input (linear in it)."""

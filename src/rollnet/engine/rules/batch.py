@@ -45,13 +45,17 @@ from rollnet.engine.tracing import Trace
 __all__ = [
     "BATCH_FIRST_ELEMENTWISE",
     "ELEMENTWISE",
+    "INDEXING",
     "LINEAR_PROBE",
+    "MATRIX_PRODUCT",
     "RESHAPE",
     "BatchRole",
     "Call",
     "Elementwise",
+    "Indexing",
     "Layer",
     "LinearProbe",
+    "MatrixProduct",
     "Reshape",
     "probe_batch_dims",
 ]
@@ -241,13 +245,11 @@ class Reshape(BatchRole):
 RESHAPE = Reshape()
 
 
-def _probe_values(trace: Trace, t: Tensor, dim: int, keep: Tensor) -> Tensor:
-    """Random values in [0.5, 1.5) shaped like ``t``, zero outside the examples in ``keep``."""
-    gen = trace.probe_generator()
-    u = torch.rand(t.shape, generator=gen, dtype=torch.float64).to(dtype=t.dtype, device=t.device) + 0.5
-    shape = [1] * t.dim()
-    shape[dim] = t.shape[dim]
-    return u * keep.to(device=t.device, dtype=t.dtype).reshape(shape)
+def _kept(u: Tensor, dim: int, keep: Tensor) -> Tensor:
+    """``u`` with the examples outside ``keep`` (along ``dim``) set to zero."""
+    shape = [1] * u.dim()
+    shape[dim] = u.shape[dim]
+    return u * keep.to(device=u.device, dtype=u.dtype).reshape(shape)
 
 
 def probe_batch_dims(trace: Trace, call: Call, results: list[Tensor]) -> list[int]:
@@ -280,18 +282,23 @@ def probe_batch_dims(trace: Trace, call: Call, results: list[Tensor]) -> list[in
             return {id(t): v for t, v in zip(tracked, values, strict=True)}
 
         base = run([torch.zeros_like(t) for t in tracked])
+        gen = trace.probe_generator()
+        noise = [
+            torch.rand(t.shape, generator=gen, dtype=torch.float64).to(dtype=t.dtype, device=t.device) + 0.5
+            for t in tracked
+        ]
         index = torch.arange(b)
         for bit in range(max(1, math.ceil(math.log2(b)))):
             on = (index >> bit) & 1 == 1
             for keep in (on, ~on):
                 if bool(keep.all()) or not bool(keep.any()):
                     continue
-                got = run([_probe_values(trace, t, d, keep) for t, d in zip(tracked, in_dims, strict=True)])
+                got = run([_kept(u, d, keep) for u, d in zip(noise, in_dims, strict=True)])
                 off = (~keep).nonzero().flatten()
                 for i, (g, z) in enumerate(zip(got, base, strict=True)):
+                    idx = off.to(g.device)
                     candidates[i] = [
-                        d for d in candidates[i]
-                        if bool((g.index_select(d, off.to(g.device)) == z.index_select(d, off.to(z.device))).all())
+                        d for d in candidates[i] if torch.equal(g.index_select(d, idx), z.index_select(d, idx))
                     ]
     dims = []
     for r, c in zip(results, candidates, strict=True):
@@ -312,3 +319,78 @@ class LinearProbe(BatchRole):
 
 
 LINEAR_PROBE = LinearProbe()
+
+
+def _basic_index(index: Any) -> tuple[Any, ...] | None:
+    """The index as a tuple if it is basic (ints, slices, None, Ellipsis), else ``None``."""
+    items = index if isinstance(index, tuple) else (index,)
+    if all(i is None or i is Ellipsis or (isinstance(i, (int, slice)) and not isinstance(i, bool)) for i in items):
+        return items
+    return None
+
+
+class Indexing(BatchRole):
+    """``x[index]``: with basic indexing the batch dimension is followed through the index (it must
+    be kept whole: ``x[:, t]``); advanced indexing (tensors, lists, masks) is measured."""
+
+    def result_dims(self, trace: Trace, call: Call, results: list[Tensor]) -> list[int]:
+        x = call.args[0]
+        items = _basic_index(call.args[1]) if len(call.args) > 1 else None
+        if items is None or len(results) != 1 or not any(t is x for t in call.tracked):
+            return probe_batch_dims(trace, call, results)
+        d = call.operand_dim(x)
+        used = sum(1 for i in items if i is not None and i is not Ellipsis)
+        if sum(1 for i in items if i is Ellipsis) > 1:
+            return probe_batch_dims(trace, call, results)
+        expanded: list[Any] = []
+        for i in items:
+            expanded.extend([slice(None)] * (x.dim() - used) if i is Ellipsis else [i])
+        expanded.extend([slice(None)] * (x.dim() - sum(1 for i in expanded if i is not None)))
+        src, out = 0, 0
+        for i in expanded:
+            if i is None:
+                out += 1
+                continue
+            if src == d:
+                whole = isinstance(i, slice) and range(*i.indices(x.shape[d])) == range(x.shape[d])
+                if not whole:
+                    raise trace.refuse(
+                        call.op, f"{MIXES} (it indexes the batch dimension {d} of a tensor of shape "
+                        f"{tuple(x.shape)} with {i!r}; keep every example: x[:, ...])",
+                    )
+                return [_sized(trace, call.op, results[0], out)]
+            src += 1
+            out += 0 if isinstance(i, int) else 1
+        raise RuntimeError("internal error: the batch dimension was not met while indexing")
+
+
+INDEXING = Indexing()
+
+
+class MatrixProduct(BatchRole):
+    """``a @ b`` (matmul, mm, bmm, mv) with one input-dependent factor: its batch dimension must not
+    be the contracted one; otherwise it keeps its place among the rows, the columns or the leading
+    (broadcast) dimensions of the product."""
+
+    def result_dims(self, trace: Trace, call: Call, results: list[Tensor]) -> list[int]:
+        a, b = (*call.args, None, None)[:2]
+        if len(results) != 1 or len(call.tracked) != 1 or not isinstance(a, Tensor) or not isinstance(b, Tensor):
+            return probe_batch_dims(trace, call, results)
+        (r,) = results
+        (t,) = call.tracked
+        d = call.in_dims[0]
+        first = t is a
+        rank, other = (a.dim(), b.dim()) if first else (b.dim(), a.dim())
+        contracted = rank - 1 if first or rank == 1 else rank - 2
+        if d == contracted:
+            raise trace.refuse(call.op, f"{MIXES} (the product sums over the batch dimension)")
+        if first:
+            dim = d if other == 1 else d + r.dim() - rank
+        elif d == rank - 1:
+            dim = r.dim() - 1
+        else:
+            dim = d if other == 1 else d + r.dim() - rank
+        return [_sized(trace, call.op, r, dim)]
+
+
+MATRIX_PRODUCT = MatrixProduct()

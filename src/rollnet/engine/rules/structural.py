@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rollnet.engine.gram import GramTangent, GramUnsupported
-from rollnet.engine.rules.batch import ELEMENTWISE, LINEAR_PROBE, RESHAPE
+from rollnet.engine.rules.batch import ELEMENTWISE, INDEXING, LINEAR_PROBE, RESHAPE
 from rollnet.engine.rules.common import check_float, track_results, tracked_tensors, vmapped
 from rollnet.engine.rules.registry import register
 from rollnet.engine.tracing import Trace, batch_shared, op_name
@@ -122,6 +122,7 @@ def structural(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kw
 
 
 register(*_SIGNS, batch=ELEMENTWISE)(structural)
+register(torch.Tensor.__getitem__, batch=INDEXING)(structural)
 register(*_ORDER_PRESERVING, batch=RESHAPE, gram=True)(reshape)
 
 
