@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rollnet.engine.gram import GramTangent, GramUnsupported
+from rollnet.engine import tangents
 from rollnet.engine.rules.batch import ELEMENTWISE, LINEAR_PROBE, MATRIX_PRODUCT, Layer
 from rollnet.engine.rules.common import (
     broadcast_tangent,
@@ -24,7 +24,7 @@ from rollnet.engine.rules.common import (
     vmapped,
 )
 from rollnet.engine.rules.registry import register
-from rollnet.engine.tracing import Trace, batch_shared, op_name
+from rollnet.engine.tracing import Trace, op_name
 
 __all__ = [
     "FirstLayer",
@@ -190,21 +190,7 @@ def linear(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs
         tangent = torch.bmm(pending.raw.transpose(0, 1), masked_weights.transpose(1, 2)).transpose(0, 1)
         trace.track(result, tangent)
         return result
-    t = trace.tangent(x)
-    if t is None:
-        trace.track(result, None)
-        return result
-    if isinstance(t, GramTangent):
-        if x.dim() != 2:
-            raise GramUnsupported("linear layer on a tensor with more than one feature dimension")
-        trace.track(result, t.linear(weight))
-        return result
-    if batch_shared(t):
-        out = F.linear(t[:, :1], weight)
-        tangent = out.expand(t.shape[0], t.shape[1], *out.shape[2:])
-    else:
-        tangent = F.linear(t, weight)
-    trace.track(result, tangent)
+    trace.track(result, tangents.linear(trace.tangent(x), weight, features=x.dim()))
     return result
 
 
@@ -335,20 +321,11 @@ def batch_norm(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kw
     else:
         var = bound["running_var"]
         result = func(*args, **kwargs)
-    t = trace.tangent(x)
-    if t is None:
-        trace.track(result, None)
-        return result
-    scale = torch.rsqrt(var + bound["eps"])
+    factor = torch.rsqrt(var + bound["eps"])
     if bound["weight"] is not None:
-        scale = scale * bound["weight"]
-    if isinstance(t, GramTangent):
-        if x.dim() != 2:
-            raise GramUnsupported("batch normalisation of feature maps")
-        trace.track(result, t.scaled(scale))
-        return result
-    shape = [1, 1, -1] + [1] * (x.dim() - 2)
-    trace.track(result, t * scale.reshape(shape))
+        factor = factor * bound["weight"]
+    per_channel = factor.reshape([1, -1] + [1] * (x.dim() - 2))
+    trace.track(result, tangents.scale(trace.tangent(x), per_channel, per_feature=per_channel.squeeze(0)))
     return result
 
 
@@ -404,8 +381,5 @@ def dropout(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwarg
     else:
         mask = func(template, float(bound["p"]), True)
     result = x * mask
-    if isinstance(t, GramTangent):
-        trace.track(result, t.scaled(mask))
-    else:
-        trace.track(result, None if t is None else t * mask)
+    trace.track(result, tangents.scale(t, mask))
     return result
