@@ -148,15 +148,21 @@ def _check_float64_forward(model: nn.Module, x: Tensor) -> None:
     """Run the float64 copy on a couple of examples; refuse it if it computes in lower precision."""
     paths: list[str] = []
     check = _PrecisionCheck(paths)
-    with torch.no_grad(), _module_paths(model, paths), check:
-        model(x[: min(x.shape[0], 2)])
+    failed: Exception | None = None
+    try:
+        with torch.no_grad(), _module_paths(model, paths), check:
+            model(x[: min(x.shape[0], 2)])
+    except Exception as err:  # (a cast inside usually makes the float64 copy fail a dtype check)
+        if check.found is None:
+            raise
+        failed = err
     if check.found is not None:
         raise LowerPrecisionInside(
             f"rounding='sound' certifies on a float64 copy of the model, but the copy computes in a lower "
             f"precision inside ({check.found} turns float64 into a lower-precision float), so float64 "
             "cannot bound its rounding; remove the cast (for example x.float() in forward), or pass "
             "rounding='none' to accept the model's own rounding"
-        )
+        ) from failed
 
 
 def float64_copy(model: nn.Module) -> nn.Module:
