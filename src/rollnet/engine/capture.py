@@ -143,6 +143,8 @@ def _report_output(trace: Trace, observer: NeuronObserver, out: Any, tangent: An
                 "[B, ...] logits",
             )
         t_out = trace.tangent(out)
+        if trace.is_mask(out):  # constant inside the region: a zero Jacobian
+            t_out = tangent.new_zeros((tangent.shape[0], *out.shape)) if isinstance(tangent, Tensor) else None
         observer.output(out, t_out if isinstance(t_out, Tensor) else None)
     else:
         observer.output(out, out.new_zeros((tangent.shape[0], *out.shape)) if isinstance(tangent, Tensor) else None)

@@ -15,6 +15,13 @@ tensor that depends on the input is *tracked* by a :class:`Trace`: it carries
 A copy cut off from the input (``detach``, ``.data``) is *tainted*: it may be
 stored or logged, but its first use in the traced computation is refused.
 
+A comparison of input-dependent values (``h > c``) gives a *mask*: a tensor
+that is constant inside the linear region (its tangent is zero there), but
+that still belongs to its examples.  Masks, and what is computed from masks
+alone, are tracked with the marker :data:`MASK` in place of a tangent, so they
+keep their batch dimension; the dispatch sends every call that reads one to
+the rules that know masks and refuses the others.
+
 Every input of a piecewise-linear operation is a *neuron*; the rules report
 them as :class:`NeuronGroup` objects to a :class:`NeuronObserver`.
 """
@@ -32,9 +39,11 @@ from torch import Tensor
 from rollnet.errors import UnsupportedOperationError
 
 __all__ = [
+    "MASK",
     "MaskedTangent",
     "NeuronGroup",
     "NeuronObserver",
+    "RegionConstant",
     "Trace",
     "batch_shared",
     "iter_values",
@@ -112,6 +121,24 @@ class MaskedTangent:
         return self._value
 
 
+class RegionConstant:
+    """The "tangent" of a mask: a tensor constant inside the linear region (see :data:`MASK`).
+
+    Its tangent is zero wherever the activation pattern is x's, so it carries no
+    directions; it only keeps the mask tracked (with its batch dimension).
+    """
+
+    __slots__ = ()
+    nbytes = 0
+
+    def __repr__(self) -> str:
+        return "MASK"
+
+
+#: The marker tracked in place of a tangent for masks (``trace.track_mask``).
+MASK = RegionConstant()
+
+
 class NeuronObserver(Protocol):
     """Receives the neurons and the output of one traced forward pass."""
 
@@ -161,6 +188,8 @@ class Trace:
         # id(value) -> weak reference: copies cut off from the input (detach, .data, NumPy views)
         self._tainted: dict[int, weakref.ref[Any]] = {}
         self._probe_generator: torch.Generator | None = None
+        #: whether any mask was tracked in this pass (keeps the dispatch's check cheap without)
+        self.any_masks = False
 
     # -- tracking -----------------------------------------------------------
     def is_tracked(self, value: Any) -> bool:
@@ -170,7 +199,8 @@ class Trace:
         return entry is not None and entry[0]() is value
 
     def tangent(self, value: Tensor) -> Any:
-        """Tangent ``[K, *value.shape]`` of a tracked tensor (None in a pass without directions)."""
+        """Tangent ``[K, *value.shape]`` of a tracked tensor (None in a pass without directions;
+        :data:`MASK` for a mask)."""
         entry = self._entries.get(id(value))
         if entry is None or entry[0]() is not value:
             raise KeyError("tensor is not tracked")
@@ -230,6 +260,18 @@ class Trace:
             self._unit[key] = unit
         else:
             self._unit.pop(key, None)
+
+    def track_mask(self, value: Tensor) -> None:
+        """Track ``value`` as a *mask*: constant inside the region, with a batch dimension."""
+        self.track(value, MASK)
+        self.any_masks = True
+
+    def is_mask(self, value: Any) -> bool:
+        """Whether ``value`` is a tracked mask (its tangent is the :data:`MASK` marker)."""
+        if not isinstance(value, Tensor):
+            return False
+        entry = self._entries.get(id(value))
+        return entry is not None and entry[1] is MASK and entry[0]() is value
 
     def batch_dim(self, value: Tensor) -> int:
         """The batch dimension of a tracked tensor (where the example index lives)."""

@@ -15,7 +15,10 @@ without one).  :func:`dispatch` enforces, for every rule alike:
   (or refuses the call);
 - copies cut off from the input (``detach``, ``.data``) may be stored and
   logged, but are refused at their first use beside input-dependent tensors;
-- the Gram recursion only meets the rules that declare they handle it.
+- the Gram recursion only meets the rules that declare they handle it;
+- masks (comparisons of input-dependent values, constant inside the region,
+  :data:`~rollnet.engine.tracing.MASK`) only meet the rules registered with
+  :func:`register_mask_rule`: any other call that reads a mask is refused.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from rollnet.engine.rules.batch import BatchRole, Call
 from rollnet.engine.rules.common import result_tensors
 from rollnet.engine.tracing import Trace, iter_values, op_name
 
-__all__ = ["RULES", "Dispatch", "Rule", "RuleEntry", "dispatch", "register"]
+__all__ = ["MASK_RULES", "RULES", "Dispatch", "Rule", "RuleEntry", "dispatch", "register", "register_mask_rule"]
 
 Rule = Callable[[Trace, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
 Dispatch = Callable[[Trace, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
@@ -56,6 +59,8 @@ class RuleEntry:
 
 
 RULES: dict[Any, RuleEntry] = {}
+#: Rules for calls that read a mask (see :func:`register_mask_rule`).
+MASK_RULES: dict[Any, RuleEntry] = {}
 
 
 def register(*funcs: Any, batch: BatchRole, gram: bool = False) -> Callable[[Rule], Rule]:
@@ -74,6 +79,24 @@ def register(*funcs: Any, batch: BatchRole, gram: bool = False) -> Callable[[Rul
         for f in funcs:
             if f is not None:
                 RULES[f] = RuleEntry(rule, batch, gram)
+        return rule
+
+    return deco
+
+
+def register_mask_rule(*funcs: Any, batch: BatchRole, gram: bool = False) -> Callable[[Rule], Rule]:
+    """Register a rule for calls of ``funcs`` in which some argument is a mask (decorator).
+
+    A call that reads a mask goes to these rules only (never to :data:`RULES`),
+    so no rule that does not know masks ever sees one.  Arguments as for :func:`register`.
+    """
+    if not isinstance(batch, BatchRole):
+        raise TypeError("register_mask_rule(...) needs batch=<a BatchRole> saying how the op treats the batch")
+
+    def deco(rule: Rule) -> Rule:
+        for f in funcs:
+            if f is not None:
+                MASK_RULES[f] = RuleEntry(rule, batch, gram)
         return rule
 
     return deco
@@ -129,9 +152,10 @@ def dispatch(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwar
         for r in result_tensors(result):
             trace.taint(r)
         return result
-    entry = RULES.get(func)
+    reads_mask = trace.any_masks and any(trace.is_mask(t) for t in tracked)
+    entry = (MASK_RULES if reads_mask else RULES).get(func)
     if entry is None:
-        return _without_rule(trace, func, args, kwargs, name)
+        return _without_rule(trace, func, args, kwargs, name, reads_mask)
     if not entry.gram and any(isinstance(trace.tangent(t), GramTangent) for t in tracked):
         raise GramUnsupported(op_name(func))
     call = Call(op_name(func), func, args, kwargs, tracked, [trace.batch_dim(t) for t in tracked])
@@ -175,7 +199,8 @@ def _on_cut_copy(
 
 
 def _without_rule(
-    trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], name: str
+    trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], name: str,
+    reads_mask: bool = False,
 ) -> Any:
     if name in _METADATA or name in _SHAPE_ONLY:
         # type_as / new_* with a tracked *template* only read its shape and dtype
@@ -186,7 +211,15 @@ def _without_rule(
             trace.taint(result)
         return result
     if name in _SCALARS or name == "nonzero":
-        reason = "it turns an input-dependent tensor into Python data (data-dependent control flow)"
+        what = "a mask computed from input-dependent values" if reads_mask else "an input-dependent tensor"
+        reason = f"it turns {what} into Python data (data-dependent control flow)"
+    elif reads_mask:
+        reason = (
+            "it reads a mask computed from input-dependent values (a comparison such as h > c) in a "
+            "way rollnet does not know to be safe; masks may be combined (& | ~), converted "
+            "(.float(), .to()), reshaped or indexed per example, and used as h * mask, "
+            "torch.where(mask, a, b) or h.masked_fill(mask, value)"
+        )
     elif name in _IN_PLACE_WRITES:
         reason = "in-place writes into input-dependent tensors are not supported; build a new tensor instead"
     else:
