@@ -7,7 +7,7 @@ Measured in one run, on whatever this machine has (CPU by default):
   linearized network in one batched forward-mode pass);
 - ROLL approximate (k = 3 random input axes per example) as ``ROLLLoss`` runs
   it by default on this MLP (one fused autograd node for plain Linear/ReLU
-  chains, :mod:`rollnet.engine.chain`), and through the generic engine
+  chains, :mod:`rollnet.regularizer.chain`), and through the generic engine
   (``fused=False``, what any other architecture gets);
 - ROLL exact with every neuron's input gradient taken by its own
   back-propagation (``torch.autograd.grad`` per neuron with

@@ -40,6 +40,7 @@ __all__ = [
     "collect",
     "given_directions",
     "plan_chunks",
+    "resolve_memory_budget",
     "sampled_axes",
     "unit_directions",
 ]
@@ -64,7 +65,7 @@ def _release_free_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-DEFAULT_MEMORY_BUDGET = 1 << 30  # 1 GiB of tangents at once (on a GPU: at least that, see _budget)
+DEFAULT_MEMORY_BUDGET = 1 << 30  # 1 GiB of tangents at once (on a GPU: at least that, see resolve_memory_budget)
 _TEMPORARIES = 3  # reductions and masks make about two more copies of a layer's tangents
 # On the CPU, chunks larger than this gain nothing and lose time to fresh pages and cache misses
 # (measured on the paper's MLP: 1 GiB chunks 1.85 s, 64-256 MiB chunks 1.3 s, 16 MiB 2.0 s).
@@ -308,10 +309,10 @@ def plan_chunks(
 ) -> tuple[int, int]:
     """Chunk sizes (examples, directions) that :func:`collect` would use, from one probe pass."""
     with torch.no_grad():
-        return _plan(model, x, directions, _budget(memory_budget, x.device), allow_batch_statistics)
+        return _plan(model, x, directions, resolve_memory_budget(memory_budget, x.device), allow_batch_statistics)
 
 
-def _budget(memory_budget: int | None, device: torch.device) -> int:
+def resolve_memory_budget(memory_budget: int | None, device: torch.device) -> int:
     """The caller's budget, or the default: 1 GiB, and on a CUDA device a quarter of its free memory
     when that is more."""
     if memory_budget is None:
@@ -416,7 +417,7 @@ def collect(
     """
     if method not in ("auto", "gram", "rows"):
         raise ValueError(f"method must be 'auto', 'gram' or 'rows', got {method!r}")
-    budget = _budget(memory_budget, x.device)
+    budget = resolve_memory_budget(memory_budget, x.device)
     b = x.shape[0]
     k_total = 0 if directions is None else directions.count
     if directions is None:

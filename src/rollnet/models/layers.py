@@ -32,6 +32,14 @@ class InputNormalization(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
 
+    def input_normalization(self) -> tuple[Tensor, Tensor] | None:
+        """``(mean, std)``, 0-dim: the declaration that :meth:`forward` is ``(x - mean) / std``
+        (:class:`rollnet.regularizer.chain.DeclaresNormalization`).  ``None`` for a subclass
+        with its own ``forward``, which must declare itself again."""
+        if type(self).forward is not InputNormalization.forward:
+            return None
+        return self.mean, self.std
+
     def extra_repr(self) -> str:
         return f"mean={float(self.mean):g}, std={float(self.std):g}"
 

@@ -68,3 +68,12 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)
+
+    def plain_chain(self) -> tuple[nn.Module, ...] | None:
+        """The modules :meth:`forward` applies, in order: the declaration that lets
+        :class:`rollnet.ROLLLoss` take this model through its fused chain pass
+        (:class:`rollnet.regularizer.chain.DeclaresChain`).  ``None`` for a subclass
+        with its own ``forward``, which must declare itself again."""
+        if type(self).forward is not MLP.forward:
+            return None
+        return (self.layers,)

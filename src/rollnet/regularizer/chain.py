@@ -1,44 +1,91 @@
 """A fused pass for plain chains of Linear layers and ReLU-like activations (MLPs).
 
 The approximate ROLL term pushes k input directions per example through the
-linearized network.  For a *chain* (optionally an :class:`InputNormalization`
-and a ``Flatten``, then ``Linear, activation, Linear, activation, ..., Linear``)
-every hidden layer's share of that work is one matmul over each example's
-stacked rows ``[z; t_1 .. t_k]`` (the pre-activation and its k tangents: the
-activation's slopes multiply all 1 + k rows alike, and only the primal row
-gets the bias).  :class:`_ChainTerms` runs the whole pass as one autograd node
-with a hand-written backward: per layer, two matmuls over the stacked rows
-(weight gradient, input gradient) and a few elementwise operations.  The
-generic engine (:mod:`rollnet.engine.capture`) instead runs the model op by op
-under a ``TorchFunctionMode`` and records an autograd node per op; on the
-paper's MLP at batch 64 (2-core CPU) a whole approximate training step with
-the fused pass takes 15-20% less time (``benchmarks/bench_training.py``).
+linearized network.  For a *chain* (optionally an elementwise input
+normalization ``(x - mean) / std`` and a ``Flatten``, then ``Linear,
+activation, Linear, activation, ..., Linear``) every hidden layer's share of
+that work is one matmul over each example's stacked rows ``[z; t_1 .. t_k]``
+(the pre-activation and its k tangents: the activation's slopes multiply all
+1 + k rows alike, and only the primal row gets the bias).  :class:`_ChainTerms`
+runs the whole pass as one autograd node with a hand-written backward: per
+layer, two matmuls over the stacked rows (weight gradient, input gradient) and
+a few elementwise operations.  The generic engine
+(:mod:`rollnet.engine.capture`) instead runs the model op by op under a
+``TorchFunctionMode`` and records an autograd node per op; on the paper's MLP
+at batch 64 (2-core CPU) a whole approximate training step with the fused pass
+takes 15-20% less time (``benchmarks/bench_training.py``).
 
 The result is the same computation as the engine's (the same neurons in the
-same order, the same tangents, the same conventions at z = 0), checked
-against it in ``tests/engine/test_chain.py``.  Anything outside the chain (a
-hook, a subclass, a train-mode Dropout, an input that needs its own
-gradient, autocast) goes through the engine instead; see :func:`find_chain`
-and :func:`fusable`.
+same order, the same tangents, the same conventions at z = 0, the same hinge,
+:mod:`rollnet.regularizer.hinge`), checked against it in
+``tests/regularizer/test_chain.py``.  Anything outside the chain (a hook, a
+subclass that changes ``forward``, a train-mode Dropout, an input that needs
+its own gradient, autocast, an input that is not ``[B, D]`` rows) goes through
+the engine instead; see :func:`find_chain` and :func:`fusable`.
+
+**Declaring a chain.**  The fused pass does not call the modules, so it only
+takes what it knows: exact ``nn.Sequential``, ``nn.Linear``, ``nn.ReLU``,
+``nn.LeakyReLU``, ``nn.Flatten``, ``nn.Identity`` and ``nn.Dropout``, and
+modules that declare what their ``forward`` computes (:class:`DeclaresChain`:
+``plain_chain()`` returns the modules ``forward`` applies, in order;
+:class:`DeclaresNormalization`: ``input_normalization()`` returns scalar
+``(mean, std)`` when ``forward`` is ``(x - mean) / std``).  A declaration is a
+promise the finder cannot check (it does not read ``forward``); it checks what
+it can: the declaration is honoured only when the class that defines it also
+defines the ``forward`` in use (a subclass that overrides ``forward`` must
+declare again), when the module is called the standard way (no override of
+``__call__``, no ``forward`` set on the instance, no hooks), and only when it
+returns what the protocol says.  :class:`rollnet.models.MLP` and
+:class:`rollnet.models.layers.InputNormalization` declare themselves, and
+each also returns ``None`` (not a chain) unless ``type(self).forward`` is its
+own.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
-from rollnet.engine.gradients import DEFAULT_MEMORY_BUDGET, Directions, _budget
-from rollnet.engine.rules.activations import slopes as _slopes
-from rollnet.models.layers import InputNormalization
-from rollnet.models.mlp import MLP
+from rollnet.engine.gradients import DEFAULT_MEMORY_BUDGET, Directions, resolve_memory_budget
+from rollnet.engine.rules.activations import slopes as activation_slopes
+from rollnet.regularizer.hinge import hinge, hinge_derivative
 
-__all__ = ["Chain", "chain_terms", "find_chain", "fusable"]
+__all__ = ["Chain", "DeclaresChain", "DeclaresNormalization", "chain_terms", "find_chain", "fusable"]
+
+
+@runtime_checkable
+class DeclaresChain(Protocol):
+    """A module whose ``forward`` applies a fixed sequence of modules, one after the other.
+
+    ``plain_chain()`` returns those modules in order (containers are expanded
+    in turn: an exact ``nn.Sequential`` or another declared chain), or
+    ``None`` when this instance is not such a chain (e.g. a subclass with its
+    own ``forward``).  Declaring is a promise that ``forward(x)`` equals
+    applying them in that order; it is honoured only from the class that also
+    defines the ``forward`` in use.
+    """
+
+    def plain_chain(self) -> Sequence[nn.Module] | None: ...
+
+
+@runtime_checkable
+class DeclaresNormalization(Protocol):
+    """An input layer whose ``forward`` is ``(x - mean) / std``, elementwise.
+
+    ``input_normalization()`` returns ``(mean, std)`` as 0-dim tensors (other
+    shapes: the engine runs the model instead), or ``None`` when this
+    instance does not compute that.  The same promise and rule as
+    :class:`DeclaresChain`.
+    """
+
+    def input_normalization(self) -> tuple[Tensor, Tensor] | None: ...
 
 
 @dataclass(frozen=True)
@@ -48,18 +95,31 @@ class Chain:
     Attributes:
         linears: the affine layers, input to output (at least two).
         slopes: each activation's slope for negative inputs (0 for ReLU).
-        normalization: the leading ``(x - mean) / std`` layer, if any.
+        normalization: the leading ``(x - mean) / std`` as 0-dim ``(mean, std)``
+            (read when :func:`find_chain` ran), if any.
         flatten: whether the input is flattened first (``[B, *shape] -> [B, D]``).
     """
 
     linears: tuple[nn.Linear, ...]
     slopes: tuple[float, ...]
-    normalization: InputNormalization | None
+    normalization: tuple[Tensor, Tensor] | None
     flatten: bool
 
 
 def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _called_plainly(m: nn.Module) -> bool:
+    """``m(x)`` is ``type(m).forward(m, x)``: no hooks, no ``forward`` set on the instance, and
+    nn.Module's own ``__call__``."""
+    cls = type(m)
+    return (
+        not _hooked(m)
+        and "forward" not in vars(m)
+        and cls.__call__ is nn.Module.__call__
+        and cls._call_impl is nn.Module._call_impl
+    )
 
 
 def _global_hooks() -> bool:
@@ -68,21 +128,75 @@ def _global_hooks() -> bool:
     return any(bool(getattr(_module_globals, name, None)) for name in names)
 
 
-def _sequence(model: nn.Module) -> list[nn.Module] | None:
-    """The modules ``model(x)`` applies in order, or ``None`` if its forward is not a known sequence."""
-    if _hooked(model):
+def _owner(cls: type, name: str) -> type | None:
+    """The class in ``cls``'s MRO that defines ``name``."""
+    return next((c for c in cls.__mro__ if name in vars(c)), None)
+
+
+def _declaration(m: nn.Module, name: str) -> Callable[[], Any] | None:
+    """``m``'s declaration ``name`` (bound), honoured only when the class that defines it also
+    defines the ``forward`` in use; ``None`` otherwise."""
+    cls = type(m)
+    owner = _owner(cls, name)
+    if owner is None or owner is not _owner(cls, "forward"):
+        return None
+    bound: Callable[[], Any] = vars(owner)[name].__get__(m, cls)  # the class's, not an instance attribute
+    return bound
+
+
+def _declared_chain(m: nn.Module) -> list[nn.Module] | None:
+    declare = _declaration(m, "plain_chain")
+    if declare is None:
+        return None
+    modules = declare()
+    if modules is None:
+        return None
+    if not isinstance(modules, (list, tuple)) or not all(isinstance(c, nn.Module) for c in modules):
+        raise TypeError(f"{type(m).__name__}.plain_chain() must return a list or tuple of modules "
+                        f"or None, got {modules!r}")
+    return list(modules)
+
+
+def _declared_normalization(m: nn.Module) -> tuple[Tensor, Tensor] | None:
+    declare = _declaration(m, "input_normalization")
+    if declare is None:
+        return None
+    constants = declare()
+    if constants is None:
+        return None
+    if (not isinstance(constants, tuple) or len(constants) != 2
+            or not all(isinstance(c, Tensor) for c in constants)):
+        raise TypeError(f"{type(m).__name__}.input_normalization() must return (mean, std) tensors "
+                        f"or None, got {constants!r}")
+    mean, std = constants
+    if mean.dim() != 0 or std.dim() != 0 or not (mean.is_floating_point() and std.is_floating_point()):
+        return None  # per-feature constants: not what the fused pass computes; the engine runs forward
+    return mean, std
+
+
+def _sequence(model: nn.Module, within: tuple[nn.Module, ...] = ()) -> list[nn.Module] | None:
+    """The modules ``model(x)`` applies in order, or ``None`` if its forward is not a known sequence.
+
+    A module that is neither an exact ``nn.Sequential`` nor a declared chain is a leaf (judged by
+    :func:`find_chain`); ``within`` holds the containers being expanded (a cycle is no chain).
+    """
+    if not _called_plainly(model) or any(model is c for c in within):
         return None
     if type(model) is nn.Sequential:
-        out: list[nn.Module] = []
-        for child in model:
-            inner = _sequence(child) if type(child) in (nn.Sequential, MLP) else [child]
-            if inner is None:
-                return None
-            out += inner
-        return out
-    if type(model) is MLP:
-        return _sequence(model.layers)
-    return None
+        children: list[nn.Module] | None = list(model)
+    elif isinstance(model, DeclaresChain):
+        children = _declared_chain(model)
+    else:
+        return [model]
+    if children is None:
+        return None
+    out: list[nn.Module] = []
+    for child in children:
+        inner = _sequence(child, (*within, model))
+        if inner is None:
+            return None
+        out += inner
+    return out
 
 
 def _is_identity(m: nn.Module) -> bool:
@@ -94,32 +208,31 @@ def _is_identity(m: nn.Module) -> bool:
 def find_chain(model: nn.Module) -> Chain | None:
     """The chain ``model`` is, or ``None`` when the fused pass does not apply.
 
-    Recognised: an ``nn.Sequential`` (nested ones too) or a
-    :class:`rollnet.models.MLP` whose modules are, in order, an optional
-    :class:`InputNormalization` and ``nn.Flatten()``, then ``nn.Linear``
-    layers separated by one ``nn.ReLU`` or ``nn.LeakyReLU`` each and ending in
-    a Linear; ``nn.Identity`` and eval-mode (or p = 0) ``nn.Dropout`` anywhere.
-    Exact types only (a subclass may change ``forward``), and no module or
-    global forward/backward hooks, since the fused pass does not call the
-    modules.
+    Recognised: an ``nn.Sequential`` (nested ones too), a
+    :class:`rollnet.models.MLP` or any model that declares itself a chain
+    (:class:`DeclaresChain`), whose modules are, in order, an optional
+    declared input normalization (:class:`DeclaresNormalization`, such as
+    :class:`rollnet.models.layers.InputNormalization`) and ``nn.Flatten()``,
+    then ``nn.Linear`` layers separated by one ``nn.ReLU`` or ``nn.LeakyReLU``
+    each and ending in a Linear; ``nn.Identity`` and eval-mode (or p = 0)
+    ``nn.Dropout`` anywhere.  Exact types only for torch's layers (a subclass
+    may change ``forward``), declarations only from the class that defines
+    the ``forward`` in use, and no module or global forward/backward hooks,
+    since the fused pass does not call the modules.
     """
     modules = _sequence(model)
     if modules is None or _global_hooks():
         return None
     linears: list[nn.Linear] = []
     slopes: list[float] = []
-    normalization: InputNormalization | None = None
+    normalization: tuple[Tensor, Tensor] | None = None
     flatten = False
     expect_linear = True  # after an activation (or at the start): a Linear must come next
     for m in modules:
-        if _hooked(m):
-            return None
         kind = type(m)
         if _is_identity(m):
             continue
-        if kind is InputNormalization and not linears and normalization is None and not flatten:
-            normalization = m  # type: ignore[assignment]
-        elif kind is nn.Flatten and not linears and not flatten:
+        if kind is nn.Flatten and not linears and not flatten:
             if (m.start_dim, m.end_dim) != (1, -1):
                 return None
             flatten = True
@@ -132,6 +245,10 @@ def find_chain(model: nn.Module) -> Chain | None:
         elif kind is nn.LeakyReLU and not expect_linear:
             slopes.append(float(m.negative_slope))  # type: ignore[arg-type]
             expect_linear = True
+        elif isinstance(m, DeclaresNormalization) and not linears and normalization is None and not flatten:
+            normalization = _declared_normalization(m)
+            if normalization is None:
+                return None
         else:
             return None
     if len(linears) < 2 or expect_linear:
@@ -152,16 +269,19 @@ def fusable(chain: Chain, x: Tensor, directions: Directions, memory_budget: int 
     """Whether :func:`chain_terms` can take ``x`` along ``directions`` within ``memory_budget`` bytes
     (the engine's default when ``None``).
 
-    Not for an empty batch, nor when ``x`` needs its own gradient (the fused node is differentiable
+    Only ``[B, D]`` rows (``[B, *shape]`` when the chain flattens first) with D the first
+    layer's inputs: any other shape goes to the engine, which runs the model as it is (a Linear
+    on the last dimension of ``[B, S, D]``) or refuses it with its own error.  Not for an empty
+    batch either, nor when ``x`` needs its own gradient (the fused node is differentiable
     once, in the parameters), under autocast (the engine follows autocast's
     per-op casts), when parameters and ``x`` differ in dtype or device, for
     directions shared by the batch, or when the stacked rows would not fit.
     """
-    if x.requires_grad or x.shape[0] == 0 or _autocast_on(x.device.type):
+    if x.dim() < 2 or (x.dim() != 2 and not chain.flatten):
         return False
-    d = math.prod(x.shape[1:])
-    first = chain.linears[0]
-    if (x.dim() != 2 and not chain.flatten) or d != first.in_features:
+    if math.prod(x.shape[1:]) != chain.linears[0].in_features:
+        return False
+    if x.requires_grad or x.shape[0] == 0 or _autocast_on(x.device.type):
         return False
     for layer in chain.linears:
         for p in (layer.weight, layer.bias):
@@ -175,14 +295,15 @@ def fusable(chain: Chain, x: Tensor, directions: Directions, memory_budget: int 
     rows = x.shape[0] * (1 + directions.count)
     width = sum(layer.out_features for layer in chain.linears[:-1])
     # (the default is read as 1 GiB here, on a GPU too: no device query per training step)
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else _budget(memory_budget, x.device)
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else resolve_memory_budget(memory_budget, x.device)
     return 3 * rows * width * x.element_size() <= budget  # each layer keeps its rows, masks, masked rows
 
 
 def chain_terms(
     chain: Chain, x: Tensor, directions: Directions, scale: float, C: float, mean: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """The model's output and every neuron's ROLL term, ``scale * sum_k (g_j . d_k)^2 + C * relu(1 - |z_j|)``.
+    """The model's output and every neuron's ROLL term, ``scale * sum_k (g_j . d_k)^2 + C * hinge(z_j)``
+    (:func:`rollnet.regularizer.hinge.hinge`).
 
     Args:
         chain: from :func:`find_chain`.
@@ -203,8 +324,9 @@ def chain_terms(
     h = x.flatten(1) if chain.flatten else x
     first_scale: Tensor | None = None
     if chain.normalization is not None:
-        h = chain.normalization(h)
-        first_scale = (1.0 / chain.normalization.std).to(x.dtype)
+        shift, spread = chain.normalization
+        h = (h - shift) / spread  # what the declaring layer's forward computes
+        first_scale = (1.0 / spread).to(x.dtype)
     axes = vectors = None
     if directions.indices is not None:
         axes = directions.indices.to(x.device).t().reshape(-1)  # example-major: [B * k]
@@ -257,13 +379,13 @@ class _ChainTerms(torch.autograd.Function):
         out: Tensor | None = None
         for i in range(1, len(weights)):
             zp, tangents = rows[:, 0], rows[:, 1:]
-            hinge = torch.relu(1.0 - zp.abs())
+            hinged = hinge(zp)
             if mean:  # per example: one reduction each, no [B, F] term
                 squared = torch.linalg.vector_norm(tangents.reshape(b, -1), dim=1).square()
-                terms.append(scale * squared + C * hinge.sum(1))
+                terms.append(scale * squared + C * hinged.sum(1))
             else:
-                terms.append(scale * tangents.square().sum(1) + C * hinge)
-            mask = _slopes(zp > 0, slopes[i - 1], zp)  # the engine's own slopes (its convention at z = 0)
+                terms.append(scale * tangents.square().sum(1) + C * hinged)
+            mask = activation_slopes(zp > 0, slopes[i - 1], zp)  # the engine's own slopes (its convention at z = 0)
             w, bias = weights[i], biases[i]
             assert w is not None
             saved_rows.append(rows)
@@ -334,8 +456,7 @@ class _ChainTerms(torch.autograd.Function):
                 # [B, F] per neuron, or [B, 1] when the terms were averaged per example
                 gt = g_terms.unsqueeze(1) / mean_over if mean_over else g_terms[:, offsets[g] : offsets[g + 1]]
                 d_rows[:, 1:].addcmul_(tangents, (2.0 * scale) * gt.unsqueeze(1))
-                hinge = torch.where(zp.abs() < 1, zp.sign(), 0.0)  # d/dz relu(1 - |z|) = -sign(z) there
-                d_rows[:, 0].addcmul_(hinge, gt, value=-C)
+                d_rows[:, 0].addcmul_(hinge_derivative(zp), gt, value=C)
             if g == 0:
                 break
             flat = d_rows.view(-1, d_rows.shape[-1])

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 
 from rollnet.certify import check_input
-from rollnet.engine.chain import chain_terms, find_chain, fusable
 from rollnet.engine.gradients import (
     Directions,
     Request,
@@ -29,6 +28,8 @@ from rollnet.engine.gradients import (
     sampled_axes,
     unit_directions,
 )
+from rollnet.regularizer.chain import chain_terms, find_chain, fusable
+from rollnet.regularizer.hinge import hinge
 
 __all__ = ["ROLLLoss"]
 
@@ -56,9 +57,10 @@ class ROLLLoss(nn.Module):
             CUDA device a quarter of its free memory when that is more).
         generator: random generator for the approximate estimators.
         fused: with ``approx``, run plain Linear/ReLU chains (an ``nn.Sequential``
-            of Linear and ReLU or LeakyReLU, a :class:`rollnet.models.MLP`)
-            through one fused autograd node with a hand-written backward
-            (:mod:`rollnet.engine.chain`): the same term and gradients in
+            of Linear and ReLU or LeakyReLU, a :class:`rollnet.models.MLP`, a
+            model that declares itself one, see :mod:`rollnet.regularizer.chain`)
+            through one fused autograd node with a hand-written backward:
+            the same term and gradients in
             15-20% less time per training step on the paper's MLP.  That node
             is differentiable once; set ``False`` for higher-order gradients.
             Other models always go through the generic engine.
@@ -153,7 +155,7 @@ class ROLLLoss(nn.Module):
                           allow_batch_statistics=True, plan=plan, update_running_stats=update_running_stats)
         assert got.squared_l2 is not None
         squared = got.squared_l2 if scale == 1.0 else got.squared_l2 * scale
-        return got.output, squared + self.C * torch.relu(1.0 - got.values.abs())
+        return got.output, squared + self.C * hinge(got.values)
 
     def neuron_terms(self, model: nn.Module, x: Tensor) -> Tensor:
         """``[B, N]`` the bracketed term of every neuron (before top-gamma selection)."""

@@ -1,4 +1,4 @@
-"""The fused chain pass (rollnet.engine.chain) against the generic engine, gradcheck and fallbacks."""
+"""The fused chain pass (rollnet.regularizer.chain) against the generic engine, gradcheck and fallbacks."""
 
 from __future__ import annotations
 
@@ -14,12 +14,66 @@ from hypothesis import strategies as st
 from torch import nn
 
 import rollnet
-from rollnet.engine import chain as chain_module
-from rollnet.engine.chain import find_chain
 from rollnet.models import MLP
+from rollnet.models.layers import InputNormalization
+from rollnet.regularizer import chain as chain_module
+from rollnet.regularizer.chain import DeclaresChain, DeclaresNormalization, find_chain, fusable
 from tests.zoo import make
 
 Factory = Callable[[], nn.Module]
+
+
+class _Standardize(nn.Module):
+    """A normalization layer of its own that declares ``(x - mean) / std`` (0-dim constants)."""
+
+    def __init__(self, mean: float, std: float, shape: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.full(shape, mean))
+        self.register_buffer("std", torch.full(shape, std))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def input_normalization(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.mean, self.std
+
+
+class _Declared(nn.Module):
+    """A model of its own (not a Sequential, not an MLP) that declares itself a chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = _Standardize(0.2, 1.5)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.LeakyReLU(0.1))
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.norm(x)))
+
+    def plain_chain(self) -> tuple[nn.Module, ...] | None:
+        return (self.norm, self.body, self.head)
+
+
+class _Wider(MLP):
+    """An MLP subclass that keeps MLP's forward (its own defaults only)."""
+
+    def __init__(self) -> None:
+        super().__init__((6,), 3, hidden=(7, 4), normalization=(0.5, 2.0))
+
+
+class _Rewritten(MLP):
+    """An MLP subclass with its own forward (the same function, written out) that declares again."""
+
+    def __init__(self) -> None:
+        super().__init__((2, 3), 2, hidden=(5,))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def plain_chain(self) -> tuple[nn.Module, ...] | None:
+        return tuple(self.layers)
 
 CHAINS: dict[str, tuple[Factory, tuple[int, ...]]] = {
     "mlp": (lambda: MLP((1, 5, 5), 4, hidden=(9, 7, 6)), (1, 5, 5)),
@@ -37,6 +91,9 @@ CHAINS: dict[str, tuple[Factory, tuple[int, ...]]] = {
                               nn.Sequential(nn.Linear(6, 6), nn.ReLU(inplace=True), nn.Linear(6, 2))),
         (3, 4),
     ),
+    "declared_model": (_Declared, (2, 3)),
+    "mlp_subclass_same_forward": (_Wider, (6,)),
+    "mlp_subclass_declared_again": (_Rewritten, (2, 3)),
 }
 
 
@@ -87,8 +144,71 @@ class _MyLinear(nn.Linear):
         return super().forward(x) * 2
 
 
+class _Doubled(MLP):
+    """Overrides forward without declaring again: MLP's declaration must not be honoured."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+class _DeclaredDoubled(_Declared):
+    """Overrides a declared model's forward: the parent's declaration must not be honoured."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+class _ShiftedNormalization(InputNormalization):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + 1
+
+
+class _OwnCall(MLP):
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().__call__(x) * 2
+
+
+class _SaysNo(_Declared):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+    def plain_chain(self) -> tuple[nn.Module, ...] | None:
+        return None
+
+
+class _Cycle(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def plain_chain(self) -> tuple[nn.Module, ...] | None:
+        return (self,)
+
+
+def _instance_forward() -> nn.Module:
+    net = MLP((4,), 2, hidden=(3,))
+    net.forward = lambda x: net.layers(x) * 2  # type: ignore[method-assign]
+    return net
+
+
+def _per_feature_normalization() -> nn.Module:
+    return nn.Sequential(_Standardize(0.1, 2.0, shape=(4,)), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+
+
 NOT_CHAINS: dict[str, Factory] = {
     "custom forward": lambda: make("mlp")[0],
+    "an MLP subclass with its own forward": lambda: _Doubled((4,), 2, hidden=(3,)),
+    "a declared model's subclass with its own forward": _DeclaredDoubled,
+    "an InputNormalization subclass with its own forward": lambda: nn.Sequential(
+        _ShiftedNormalization(0.0, 1.0), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)),
+    "an MLP with normalization, subclass with its own forward": lambda: _Doubled((4,), 2, hidden=(3,),
+                                                                                normalization=(0.5, 2.0)),
+    "an MLP subclass with its own __call__": lambda: _OwnCall((4,), 2, hidden=(3,)),
+    "a forward set on the instance": _instance_forward,
+    "a declaration that says no": _SaysNo,
+    "a declared cycle": _Cycle,
+    "per-feature normalization constants": _per_feature_normalization,
+    "a normalization after the first Linear": lambda: nn.Sequential(
+        nn.Linear(4, 4), InputNormalization(0.0, 2.0), nn.ReLU(), nn.Linear(4, 2)),
     "a forward hook": _hooked,
     "a Linear subclass": lambda: nn.Sequential(_MyLinear(4, 3), nn.ReLU(), nn.Linear(3, 2)),
     "train-mode dropout": lambda: MLP((4,), 2, hidden=(3,), dropout=0.5).train(),
@@ -106,6 +226,30 @@ NOT_CHAINS: dict[str, Factory] = {
 @pytest.mark.parametrize("what", sorted(NOT_CHAINS))
 def test_everything_else_goes_to_the_engine(what: str) -> None:
     assert find_chain(NOT_CHAINS[what]()) is None
+
+
+def test_the_reference_models_declare_themselves() -> None:
+    net = MLP((4,), 2, hidden=(3,), normalization=(0.5, 2.0))
+    assert isinstance(net, DeclaresChain) and net.plain_chain() == (net.layers,)
+    norm = net.layers[0]
+    assert isinstance(norm, DeclaresNormalization) and norm.input_normalization() == (norm.mean, norm.std)
+    assert _Doubled((4,), 2, hidden=(3,)).plain_chain() is None  # a declaration tied to MLP.forward
+    assert _ShiftedNormalization(0.0, 1.0).input_normalization() is None
+    chain = find_chain(net)
+    assert chain is not None and chain.normalization == (norm.mean, norm.std) and chain.flatten
+
+
+class _Malformed(_Declared):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+    def plain_chain(self) -> tuple[nn.Module, ...] | None:
+        return "layers"  # type: ignore[return-value]
+
+
+def test_a_malformed_declaration_is_an_error() -> None:
+    with pytest.raises(TypeError, match=r"_Malformed.plain_chain\(\) must return"):
+        find_chain(_Malformed())
 
 
 def test_a_global_hook_sends_chains_to_the_engine() -> None:
@@ -141,7 +285,7 @@ def test_fused_neuron_terms_equal_the_engine(name: str) -> None:
 
 def test_empty_batch_goes_to_the_engine() -> None:
     model, x = _chain("mlp")
-    assert _fused_calls(model, x[:0]) == 0  # (the engine gives 0: tests/test_regularizer.py)
+    assert _fused_calls(model, x[:0]) == 0  # (the engine gives 0: tests/regularizer/test_loss.py)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -268,3 +412,55 @@ def test_training_step_on_the_papers_mlp_matches_the_engine() -> None:
     torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
     for a, b in zip(ga, gb, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _outcome(model: nn.Module, x: torch.Tensor, fused: bool) -> tuple[str, str] | torch.Tensor:
+    roll = rollnet.ROLLLoss(1.0, 0.5, approx=2, generator=torch.Generator().manual_seed(0), fused=fused)
+    try:
+        return roll(model, x).detach()
+    except ValueError as e:  # (rollnet.errors.UnsupportedOperationError is one)
+        return type(e).__name__, str(e)
+
+
+BAD_SHAPES: dict[str, tuple[Factory, tuple[int, ...]]] = {
+    "unbatched": (lambda: nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), (4,)),
+    "too wide": (lambda: nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), (6, 5)),
+    "[B, 2, 2] without a flatten": (lambda: nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), (6, 2, 2)),
+    "flattened too wide": (lambda: MLP((4,), 2, hidden=(3,)), (6, 5, 4)),
+    "flattened too narrow": (lambda: MLP((4,), 2, hidden=(3,)), (6, 3)),
+}
+
+
+@pytest.mark.parametrize("what", sorted(BAD_SHAPES))
+def test_a_bad_shape_gets_the_engines_error(what: str) -> None:
+    """Inputs that are not ``[B, D]`` rows of the first layer's width never reach the fused node:
+    the same error as the engine's path, type and message (a ``ValueError``; the engine's
+    ``UnsupportedOperationError`` is one too), never a wrong term."""
+    factory, shape = BAD_SHAPES[what]
+    torch.manual_seed(0)
+    model = factory().double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    with mock.patch.object(chain_module._ChainTerms, "apply", wraps=chain_module._ChainTerms.apply) as spy:
+        fused, engine = _outcome(model, x, True), _outcome(model, x, False)
+    assert spy.call_count == 0
+    assert isinstance(engine, tuple), f"the engine took shape {shape}"
+    assert fused == engine
+
+
+def test_rows_beyond_two_dimensions_go_to_the_engine() -> None:
+    """A chain without a flatten applies its Linears to the last dimension of ``[B, S, D]``: the
+    engine takes that (S positions per example), the fused pass (``[B, D]`` rows) must not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).double()
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    with mock.patch.object(chain_module._ChainTerms, "apply", wraps=chain_module._ChainTerms.apply) as spy:
+        fused, engine = _outcome(model, x, True), _outcome(model, x, False)
+    assert spy.call_count == 0
+    assert isinstance(fused, torch.Tensor) and isinstance(engine, torch.Tensor)
+    torch.testing.assert_close(fused, engine, rtol=0, atol=0)
+    chain = find_chain(model)
+    assert chain is not None
+    directions = rollnet.engine.gradients.sampled_axes(torch.zeros(2, 5, dtype=torch.long))
+    assert not fusable(chain, x, directions)
+    assert not fusable(chain, x[0, 0], directions)  # 1-D: not even a batch (check_input refuses it first)
+    assert fusable(chain, x[:, 0], directions)
