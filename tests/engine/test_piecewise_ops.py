@@ -152,7 +152,14 @@ OPS: dict[str, Callable[[Lambda, Tensor], Tensor]] = {
     "mask_of_mask": lambda m, h: h * ((kinks(m, h, 0.0) > 0).float() > 0.5),
     "mask_in_place_product": lambda m, h: _imul(h * 1.0, kinks(m, h, 0.0) > 0),
     "mask_then_relu": lambda m, h: F.relu(kinks(m, h * (kinks(m, h, -0.2) > -0.2), 0.0)),
+    "input_updated_in_place_after_relu": lambda m, h: _relu_then_update(m, h),
 }
+
+
+def _relu_then_update(m: Lambda, h: Tensor) -> Tensor:
+    y = F.relu(kinks(m, h, 0.0))
+    h += 1.0  # the reported neuron values are those the relu saw
+    return y + h
 
 
 def _imul(h: Tensor, mask: Tensor) -> Tensor:
@@ -602,6 +609,30 @@ def test_masks_keep_each_example_to_itself() -> None:
                          (after.output, before.output), (after.output_rows, before.output_rows)]:
             assert got is not None and ref is not None
             assert torch.equal(got[0], ref[0]) and torch.equal(got[2], ref[2]), name
+
+
+def test_a_mask_updated_in_place_after_its_product_does_not_change_the_product() -> None:
+    class Later(nn.Module):
+        def __init__(self, in_place: bool) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(D, W), nn.Linear(W, 2)
+            self.in_place = in_place
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.a(x)
+            m = (h > 0).double()
+            y = h * m
+            if self.in_place:
+                m += 1
+            else:
+                m = m + 1
+            return self.b(F.relu(y - 0.1) + m)
+
+    x = inputs()
+    got, ref = rollnet.LinearRegions(Later(True).double(), x), rollnet.LinearRegions(Later(False).double(), x)
+    torch.testing.assert_close(got.jacobian(), ref.jacobian(), rtol=0, atol=0)
+    torch.testing.assert_close(got.margin(), ref.margin(), rtol=0, atol=0)
 
 
 def test_a_pass_without_directions_and_float32() -> None:

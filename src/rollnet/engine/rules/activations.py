@@ -189,7 +189,11 @@ def _kinked(
     n = math.prod(shape[1:])  # (not -1: an empty batch has no size to infer)
     values = []
     for _, k in kinks:
-        d = z if isinstance(k, (int, float)) and k == 0 else z - _numeric(k, z)
+        if isinstance(k, (int, float)) and k == 0:
+            # a copy: the values must not change with a later in-place update of x (``h += 1``)
+            d = z if in_place else z.clone()
+        else:
+            d = z - _numeric(k, z)
         values.append((d if d.shape == shape else d.expand(shape)).reshape(b, n))
     on = [v.detach() > 0 for v in values]
     like = t if isinstance(t, Tensor) else z
@@ -572,7 +576,11 @@ def mask_arithmetic(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...
     if t is None:
         trace.track(result, None)
         return result
-    factor = torch.as_tensor(other, dtype=result.dtype, device=result.device)
+    # a copy: the product's tangent is formed later, and the mask may be updated in place before
+    factor = (
+        other.to(dtype=result.dtype, device=result.device, copy=True) if isinstance(other, Tensor)
+        else torch.as_tensor(other, dtype=result.dtype, device=result.device)
+    )
     if divide:
         factor = 1.0 / factor
     if isinstance(t, GramTangent):
