@@ -1,4 +1,4 @@
-"""Independent oracles for certificates (see ../shared/docs/testing.md)."""
+"""Independent oracles for certificates (see docs/testing.md)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Oracles (float64, nothing of rollnet): neuron values and gradients from the
 models' own records and ``torch.autograd.grad``; window membership from
 pooling one-hot planes; selected indices from ``return_indices``.  See
-``tests/zoo_max.py`` and ``shared/docs/testing.md``.
+``tests/zoo_max.py`` and ``docs/testing.md``.
 """
 
 from __future__ import annotations
