@@ -184,7 +184,7 @@ def _sequence(model: nn.Module, within: tuple[nn.Module, ...] = ()) -> list[nn.M
         return None
     if type(model) is nn.Sequential:
         children: list[nn.Module] | None = list(model)
-    elif isinstance(model, DeclaresChain):
+    elif _owner(type(model), "plain_chain") is not None:  # (a DeclaresChain; no slow Protocol check)
         children = _declared_chain(model)
     else:
         return [model]
@@ -245,7 +245,8 @@ def find_chain(model: nn.Module) -> Chain | None:
         elif kind is nn.LeakyReLU and not expect_linear:
             slopes.append(float(m.negative_slope))  # type: ignore[arg-type]
             expect_linear = True
-        elif isinstance(m, DeclaresNormalization) and not linears and normalization is None and not flatten:
+        elif (_owner(kind, "input_normalization") is not None  # a DeclaresNormalization
+              and not linears and normalization is None and not flatten):
             normalization = _declared_normalization(m)
             if normalization is None:
                 return None
