@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -112,14 +112,16 @@ def _hooked(m: nn.Module) -> bool:
 
 def _called_plainly(m: nn.Module) -> bool:
     """``m(x)`` is ``type(m).forward(m, x)``: no hooks, no ``forward`` set on the instance, and
-    nn.Module's own ``__call__``."""
+    nn.Module's own ``__call__`` (torch's exact types below have it)."""
+    if _hooked(m) or "forward" in m.__dict__:
+        return False
     cls = type(m)
-    return (
-        not _hooked(m)
-        and "forward" not in vars(m)
-        and cls.__call__ is nn.Module.__call__
-        and cls._call_impl is nn.Module._call_impl
-    )
+    return cls in _TORCH_TYPES or (cls.__call__ is nn.Module.__call__ and cls._call_impl is nn.Module._call_impl)
+
+
+# torch's layers the fused pass knows, by exact type (a subclass may change forward)
+_TORCH_LEAVES = frozenset({nn.Linear, nn.ReLU, nn.LeakyReLU, nn.Flatten, nn.Identity, nn.Dropout})
+_TORCH_TYPES = _TORCH_LEAVES | {nn.Sequential}
 
 
 def _global_hooks() -> bool:
@@ -180,11 +182,16 @@ def _sequence(model: nn.Module, within: tuple[nn.Module, ...] = ()) -> list[nn.M
     A module that is neither an exact ``nn.Sequential`` nor a declared chain is a leaf (judged by
     :func:`find_chain`); ``within`` holds the containers being expanded (a cycle is no chain).
     """
-    if not _called_plainly(model) or any(model is c for c in within):
+    if not _called_plainly(model):
         return None
-    if type(model) is nn.Sequential:
-        children: list[nn.Module] | None = list(model)
-    elif _owner(type(model), "plain_chain") is not None:  # (a DeclaresChain; no slow Protocol check)
+    kind = type(model)
+    if kind in _TORCH_LEAVES:
+        return [model]
+    if any(model is c for c in within):
+        return None
+    if kind is nn.Sequential:
+        children: list[nn.Module] | None = list(cast(nn.Sequential, model))  # (repeats kept)
+    elif _owner(kind, "plain_chain") is not None:  # (a DeclaresChain; no slow Protocol check)
         children = _declared_chain(model)
     else:
         return [model]
