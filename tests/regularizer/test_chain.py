@@ -75,6 +75,11 @@ class _Rewritten(MLP):
     def plain_chain(self) -> tuple[nn.Module, ...] | None:
         return tuple(self.layers)
 
+def _tied() -> nn.Module:
+    shared = nn.Linear(5, 5)
+    return nn.Sequential(shared, nn.ReLU(), shared, nn.LeakyReLU(0.2), nn.Linear(5, 2))  # one layer applied twice
+
+
 CHAINS: dict[str, tuple[Factory, tuple[int, ...]]] = {
     "mlp": (lambda: MLP((1, 5, 5), 4, hidden=(9, 7, 6)), (1, 5, 5)),
     "mlp_leaky_normalized": (
@@ -94,6 +99,7 @@ CHAINS: dict[str, tuple[Factory, tuple[int, ...]]] = {
     "declared_model": (_Declared, (2, 3)),
     "mlp_subclass_same_forward": (_Wider, (6,)),
     "mlp_subclass_declared_again": (_Rewritten, (2, 3)),
+    "tied_weights": (_tied, (5,)),
 }
 
 
@@ -190,6 +196,12 @@ def _instance_forward() -> nn.Module:
     return net
 
 
+def _contains_itself() -> nn.Module:
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    net.append(net)
+    return net
+
+
 def _per_feature_normalization() -> nn.Module:
     return nn.Sequential(_Standardize(0.1, 2.0, shape=(4,)), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
 
@@ -206,6 +218,7 @@ NOT_CHAINS: dict[str, Factory] = {
     "a forward set on the instance": _instance_forward,
     "a declaration that says no": _SaysNo,
     "a declared cycle": _Cycle,
+    "a Sequential that contains itself": _contains_itself,
     "per-feature normalization constants": _per_feature_normalization,
     "a normalization after the first Linear": lambda: nn.Sequential(
         nn.Linear(4, 4), InputNormalization(0.0, 2.0), nn.ReLU(), nn.Linear(4, 2)),
