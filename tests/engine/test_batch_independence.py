@@ -245,7 +245,7 @@ def test_a_detached_copy_is_refused_at_its_first_use(name: str) -> None:
     model = _UsesCopy(lambda h: h).double()
     model.use = COPY_USES[name](model)
     x = torch.randn(B, D, dtype=torch.float64)
-    with pytest.raises(rollnet.UnsupportedOperationError, match="detached|control flow"):
+    with pytest.raises(rollnet.UnsupportedOperationError, match=r"detached|control flow"):
         rollnet.margin(model, x)
 
 
