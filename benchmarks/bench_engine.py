@@ -73,7 +73,7 @@ def peak_memory_child(n: int, budget: int) -> str:
         "def hwm():\n"
         "    return [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0] / 1024\n"
         f"torch.manual_seed(0); m = PaperMLP().eval(); x = torch.rand({n}, 1, 28, 28)\n"
-        f"before = hwm(); r = rollnet.margin(m, x, p=float('inf'), memory_budget={budget})\n"
+        f"before = hwm(); r = rollnet.margin(m, x, p=float('inf'), memory_budget={budget}, rounding='none')\n"
         "print(before, hwm())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -90,7 +90,7 @@ def peak_gpu_memory(n: int, budget: int) -> str:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    rollnet.margin(m, x, p=float("inf"), memory_budget=budget)
+    rollnet.margin(m, x, p=float("inf"), memory_budget=budget, rounding="none")
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     return f"peak GPU memory allocated {peak / 2**20:.0f} MiB ({before / 2**20:.0f} MiB for the model and inputs)"
@@ -122,7 +122,7 @@ def main() -> None:
     t_auto = timeit(lambda: margins_by_autograd(model, x, limit=sample), repeat=1, warmup=0) * 1200 / sample
     rows = []
     for p in (2, 1, math.inf):
-        t = timeit(lambda pp=p: rollnet.margin(model, x, p=pp), repeat=repeat)
+        t = timeit(lambda pp=p: rollnet.margin(model, x, p=pp, rounding="none"), repeat=repeat)
         t_rows = t if p != 2 else timeit(
             lambda: collect(model, x, unit_directions(x.shape[1:]), Request(norms=(2.0,)), method="rows"),
             repeat=repeat)
@@ -167,20 +167,20 @@ def main() -> None:
     rows = []
     for bb in (32, 64, 128, 256):
         xs = torch.rand(bb, 1, 28, 28)
-        t2 = timeit(lambda xs=xs: rollnet.margin(model, xs, p=2), repeat=repeat)
-        ti = timeit(lambda xs=xs: rollnet.margin(model, xs, p="inf"), repeat=repeat)
+        t2 = timeit(lambda xs=xs: rollnet.margin(model, xs, p=2, rounding="none"), repeat=repeat)
+        ti = timeit(lambda xs=xs: rollnet.margin(model, xs, p="inf", rounding="none"), repeat=repeat)
         rows.append([f"batch {bb}", f"{t2 * 1e3:.0f}", f"{t2 / bb * 1e3:.2f}", f"{ti * 1e3:.0f}", f"{ti / bb * 1e3:.2f}"])
     xs = torch.rand(64, 1, 28, 28)
     for w in (100, 300, 500):
         mw = PaperMLP(widths=(w,) * 4).eval()
-        t2 = timeit(lambda mw=mw: rollnet.margin(mw, xs, p=2), repeat=repeat)
-        ti = timeit(lambda mw=mw: rollnet.margin(mw, xs, p="inf"), repeat=repeat)
+        t2 = timeit(lambda mw=mw: rollnet.margin(mw, xs, p=2, rounding="none"), repeat=repeat)
+        ti = timeit(lambda mw=mw: rollnet.margin(mw, xs, p="inf", rounding="none"), repeat=repeat)
         rows.append([f"width {w} (depth 4, batch 64)", f"{t2 * 1e3:.0f}", f"{t2 / 64 * 1e3:.2f}",
                      f"{ti * 1e3:.0f}", f"{ti / 64 * 1e3:.2f}"])
     for depth in (2, 4, 6):
         md = PaperMLP(widths=(300,) * depth).eval()
-        t2 = timeit(lambda md=md: rollnet.margin(md, xs, p=2), repeat=repeat)
-        ti = timeit(lambda md=md: rollnet.margin(md, xs, p="inf"), repeat=repeat)
+        t2 = timeit(lambda md=md: rollnet.margin(md, xs, p=2, rounding="none"), repeat=repeat)
+        ti = timeit(lambda md=md: rollnet.margin(md, xs, p="inf", rounding="none"), repeat=repeat)
         rows.append([f"depth {depth} (width 300, batch 64)", f"{t2 * 1e3:.0f}", f"{t2 / 64 * 1e3:.2f}",
                      f"{ti * 1e3:.0f}", f"{ti / 64 * 1e3:.2f}"])
     print(table("scaling of margin (MLP on 28x28 inputs)",

@@ -79,7 +79,7 @@ def main() -> None:
             notes.append(f"{name}: per-neuron autograd timed on {sample} of {n} neurons, scaled by {n / sample:.1f}")
         t_jac = timeit(lambda m=model, xx=x: margins_by_jacfwd(m, xx), repeat=repeat)
         for p in (2, 1, math.inf):
-            t_ours = timeit(lambda m=model, xx=x, pp=p: rollnet.margin(m, xx, p=pp), repeat=repeat)
+            t_ours = timeit(lambda m=model, xx=x, pp=p: rollnet.margin(m, xx, p=pp, rounding="none"), repeat=repeat)
             rate = flops / t_ours
             gram = p == 2 and takes_gram(model, x)
             rows.append([
@@ -103,8 +103,8 @@ def main() -> None:
     mx = SmallResNet(pool="max").eval()
     mx.load_state_dict(avg.state_dict())
     x = torch.rand(args.batch, 1, 28, 28)
-    t_avg = timeit(lambda: rollnet.margin(avg, x, p=2), repeat=repeat)
-    t_max = timeit(lambda: rollnet.margin(mx, x, p=2), repeat=repeat)
+    t_avg = timeit(lambda: rollnet.margin(avg, x, p=2, rounding="none"), repeat=repeat)
+    t_max = timeit(lambda: rollnet.margin(mx, x, p=2, rounding="none"), repeat=repeat)
     n_avg = rollnet.LinearRegions(avg, x[:1]).num_neurons
     n_max = rollnet.LinearRegions(mx, x[:1]).num_neurons
     rows.append(["residual conv, avg-pool head", "2", f"{t_avg * 1e3:.0f} ms", "", "", "", "",

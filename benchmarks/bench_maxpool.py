@@ -53,13 +53,13 @@ def timed(models: list[nn.Module], x: torch.Tensor, repeats: int = 3) -> list[fl
             torch.cuda.synchronize()
 
     for model in models:
-        rollnet.margin(model, x, p=2)
+        rollnet.margin(model, x, p=2, rounding="none")
     times: list[list[float]] = [[] for _ in models]
     for _ in range(repeats):
         for i, model in enumerate(models):
             sync()
             start = time.perf_counter()
-            rollnet.margin(model, x, p=2)
+            rollnet.margin(model, x, p=2, rounding="none")
             sync()
             times[i].append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]

@@ -64,11 +64,11 @@ def main() -> None:
         return run
 
     cases: list[tuple[str, Callable[[], object]]] = [
-        ("margin p=2, MLP, batch 256", lambda: rollnet.margin(mlp, x256, p=2)),
-        ("margin p=inf, MLP, batch 256", lambda: rollnet.margin(mlp, x256, p=math.inf)),
+        ("margin p=2, MLP, batch 256", lambda: rollnet.margin(mlp, x256, p=2, rounding="none")),
+        ("margin p=inf, MLP, batch 256", lambda: rollnet.margin(mlp, x256, p=math.inf, rounding="none")),
         ("jacfwd+vmap, MLP, batch 256", lambda: margins_by_jacfwd(mlp, x256)),
-        ("margin p=2, residual conv, batch 64", lambda: rollnet.margin(conv, x64, p=2)),
-        ("margin p=inf, residual conv, batch 64", lambda: rollnet.margin(conv, x64, p=math.inf)),
+        ("margin p=2, residual conv, batch 64", lambda: rollnet.margin(conv, x64, p=2, rounding="none")),
+        ("margin p=inf, residual conv, batch 64", lambda: rollnet.margin(conv, x64, p=math.inf, rounding="none")),
         ("jacfwd+vmap, residual conv, batch 64", lambda: margins_by_jacfwd(conv, x64)),
         ("vanilla step, MLP, batch 64", step(None)),
         ("ROLL exact step, MLP, batch 64", step(rollnet.ROLLLoss(2.0, 0.25))),
