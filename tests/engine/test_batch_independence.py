@@ -237,7 +237,14 @@ COPY_USES: dict[str, Callable[[_UsesCopy], Callable[[Tensor], Tensor]]] = {
     "written_into_buffer": lambda m: lambda h: (m.buf.copy_(h.detach()), h * m.buf)[1],
     "output_from_copy": lambda m: lambda h: h.detach() * 1.0,
     "branch_on_copy": lambda m: lambda h: h if bool(h.detach().sum() > 0) else -h,
+    "max_indices_across_examples": lambda m: lambda h: h.gather(1, h.max(1, keepdim=True).indices.flip(0)),
 }
+
+
+def test_an_input_dependent_tensor_cannot_become_an_integer_or_bool_tensor() -> None:
+    model = _UsesCopy(lambda h: h.to(torch.bool).double()).double()
+    with pytest.raises(rollnet.UnsupportedOperationError, match="torch.bool"):
+        rollnet.margin(model, torch.randn(B, D, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("name", sorted(COPY_USES))
@@ -245,7 +252,7 @@ def test_a_detached_copy_is_refused_at_its_first_use(name: str) -> None:
     model = _UsesCopy(lambda h: h).double()
     model.use = COPY_USES[name](model)
     x = torch.randn(B, D, dtype=torch.float64)
-    with pytest.raises(rollnet.UnsupportedOperationError, match=r"detached|control flow"):
+    with pytest.raises(rollnet.UnsupportedOperationError, match=r"detached|control flow|without a tangent"):
         rollnet.margin(model, x)
 
 

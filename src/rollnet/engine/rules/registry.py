@@ -63,7 +63,9 @@ RULES: dict[Any, RuleEntry] = {}
 MASK_RULES: dict[Any, RuleEntry] = {}
 
 
-def register(*funcs: Any, batch: BatchRole, gram: bool = False) -> Callable[[Rule], Rule]:
+def register(
+    *funcs: Any, batch: BatchRole, gram: bool = False, table: dict[Any, RuleEntry] | None = None
+) -> Callable[[Rule], Rule]:
     """Register a rule for the given torch callables (decorator).
 
     Args:
@@ -71,14 +73,17 @@ def register(*funcs: Any, batch: BatchRole, gram: bool = False) -> Callable[[Rul
             for functions missing from this torch version, are skipped).
         batch: how the op treats the batch dimension (:mod:`rollnet.engine.rules.batch`).
         gram: the rule accepts the Gram recursion's tangents.
+        table: where to register (default :data:`RULES`; :func:`register_mask_rule` uses
+            :data:`MASK_RULES`).
     """
     if not isinstance(batch, BatchRole):
         raise TypeError("register(...) needs batch=<a BatchRole> saying how the op treats the batch")
+    into = RULES if table is None else table
 
     def deco(rule: Rule) -> Rule:
         for f in funcs:
             if f is not None:
-                RULES[f] = RuleEntry(rule, batch, gram)
+                into[f] = RuleEntry(rule, batch, gram)
         return rule
 
     return deco
@@ -90,16 +95,7 @@ def register_mask_rule(*funcs: Any, batch: BatchRole, gram: bool = False) -> Cal
     A call that reads a mask goes to these rules only (never to :data:`RULES`),
     so no rule that does not know masks ever sees one.  Arguments as for :func:`register`.
     """
-    if not isinstance(batch, BatchRole):
-        raise TypeError("register_mask_rule(...) needs batch=<a BatchRole> saying how the op treats the batch")
-
-    def deco(rule: Rule) -> Rule:
-        for f in funcs:
-            if f is not None:
-                MASK_RULES[f] = RuleEntry(rule, batch, gram)
-        return rule
-
-    return deco
+    return register(*funcs, batch=batch, gram=gram, table=MASK_RULES)
 
 
 # Calls that only read metadata: allowed on tracked tensors, results untracked.
@@ -161,7 +157,15 @@ def dispatch(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwar
     call = Call(op_name(func), func, args, kwargs, tracked, [trace.batch_dim(t) for t in tracked])
     entry.batch.check_inputs(trace, call)
     result = entry.rule(trace, func, args, kwargs)
-    outs = [r for r in result_tensors(result) if trace.is_tracked(r)]
+    outs = []
+    for r in result_tensors(result):
+        if not trace.is_tracked(r):
+            # computed from the input without a tangent (the indices of a max): usable only as data
+            trace.taint(r)
+        elif not (r.is_floating_point() or trace.is_mask(r)):
+            raise trace.refuse(call.op, f"it turns an input-dependent tensor into {r.dtype}, which has no tangent")
+        else:
+            outs.append(r)
     if outs:
         call.result = result
         dims = entry.batch.result_dims(trace, call, outs)
@@ -178,9 +182,10 @@ def _on_cut_copy(
     op = op_name(func)
     if with_tracked:
         raise trace.refuse(
-            op, "it combines input-dependent tensors with a detached copy of one (detach, .data or a "
-            "NumPy copy), whose dependence on the input rollnet cannot follow; use the tensor "
-            "itself, or compute the constant without the input",
+            op, "it combines input-dependent tensors with a value computed from the input without "
+            "a tangent (a detached copy: detach, .data, a NumPy copy; or the indices of a max), "
+            "whose dependence on the input rollnet cannot follow; use the tensor itself, or "
+            "compute the constant without the input",
         )
     if name == "__bool__":
         raise trace.refuse(
