@@ -136,7 +136,7 @@ def test_toward_zero_is_strictly_inside_and_at_most_two_ulps_away(dtype: torch.d
 
 
 # ---------------------------------------------------------------------------
-# the zoo against per-neuron autograd in float64
+# the zoo against batched autograd in float64
 
 
 ZOO_MAX_NAMES = ["adaptive", "maxout", "pool1d", "pool3d", "pool_cnn"]
