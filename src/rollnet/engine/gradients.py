@@ -67,6 +67,11 @@ def _release_free_memory() -> None:
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # 1 GiB of tangents at once (on a GPU: at least that, see resolve_memory_budget)
 _TEMPORARIES = 3  # reductions and masks make about two more copies of a layer's tangents
+# The Gram pass's own count is already close to what it holds: a ReLU's scaled tangent shares
+# its input's factors and is counted again, which covers the products' temporaries (measured,
+# float32 and float64, 784-300x3 MLP: resident growth 0.8-1.0x the count from 64 examples per
+# chunk, up to 1.4x at 8); so a half more, where gradient rows need 3x.
+_GRAM_TEMPORARIES = 1.5
 # On the CPU, chunks larger than this gain nothing and lose time to fresh pages and cache misses
 # (measured on the paper's MLP: 1 GiB chunks 1.85 s, 64-256 MiB chunks 1.3 s, 16 MiB 2.0 s).
 # A GPU is the other way round: each chunk costs a few hundred kernel launches from Python, so
@@ -169,6 +174,9 @@ class Collected:
         rows: ``[B, N, K]`` neuron gradients along each direction.
         output: ``[B, *output_shape]`` model output.
         output_rows: ``[B, *output_shape, K]`` output derivatives along each direction.
+        chunk_sizes: the examples in each batch chunk, in order (how the batch was cut).
+        peak_bytes: the most tangent bytes one pass held (the tracer's count, which
+            the chunks are planned from; Gram factors shared by the batch excluded).
     """
 
     values: Tensor
@@ -181,6 +189,8 @@ class Collected:
     cross_minus: Tensor | None = None
     rows: Tensor | None = None
     output_rows: Tensor | None = None
+    chunk_sizes: list[int] = field(default_factory=list)
+    peak_bytes: int = 0
 
 
 def _reduce_over_directions(t: Tensor, q: float) -> Tensor:
@@ -370,6 +380,18 @@ def _thread_multiple(examples: int, device: torch.device) -> int:
     return examples - examples % threads
 
 
+def _even_chunks(total: int, fits: int, device: torch.device) -> int:
+    """Examples per chunk to cut ``total`` into as few even chunks of at most ``fits`` as
+    possible, a multiple of the CPU's threads where that still fits (rounding each chunk down
+    instead would leave a small chunk over at the end)."""
+    even = math.ceil(total / math.ceil(total / fits))
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and even > threads:
+        up = even + (-even % threads)
+        return up if up <= fits else _thread_multiple(even, device)
+    return even
+
+
 def _gram_applies(request: Request, directions: Directions | None, x: Tensor) -> bool:
     """Squared l2 norms over all D axes only: the Gram recursion can serve the request."""
     if directions is None or directions.indices is None or directions.indices.dim() != 1:
@@ -438,7 +460,7 @@ def collect(
     chunks: list[_ChunkObserver] = []
     # CPU chunks hold at most the working set each: hand memory back once a budget's worth passed
     trim = directions is not None and (bc < b or kc < k_total) and x.device.type == "cpu"
-    trim_every, passes = max(1, budget // _chunk_bytes(budget, x.device)), 0
+    trim_every, passes, peak = max(1, budget // _chunk_bytes(budget, x.device)), 0, 0
     for b0 in range(0, max(b, 1), bc):  # (an empty batch: one empty chunk)
         xb = x[b0 : b0 + bc]
         obs = _ChunkObserver(request, k_total, xb.shape[0])
@@ -448,13 +470,17 @@ def collect(
             for k0 in range(0, k_total, kc):
                 obs.start(k0)
                 tangent, unit = directions.chunk(k0, min(k0 + kc, k_total), xb, b0)
-                traced(model, xb, obs, tangent=tangent, unit=unit)
+                _, trace = traced(model, xb, obs, tangent=tangent, unit=unit)
+                peak = max(peak, trace.peak_bytes)
+                del tangent, unit, trace
                 obs.finish_pass()
                 passes += 1
                 if trim and passes % trim_every == 0:
                     _release_free_memory()
         chunks.append(obs)
-    return _assemble(chunks, request, x)
+    result = _assemble(chunks, request, x)
+    result.peak_bytes = peak
+    return result
 
 
 def _collect_gram(
@@ -470,27 +496,51 @@ def _collect_gram(
 
     ``bc`` (sized for gradient rows) serves the first chunk; the Gram factors
     are usually much smaller than the rows, so the remaining examples are
-    re-chunked from the memory that first chunk actually held.
+    re-chunked from the memory that first chunk actually held (per example:
+    factors shared by the batch, such as the first layer's weight, do not
+    count, see :attr:`GramTangent.nbytes`).  A later chunk that holds more per
+    example (more active neurons to pad to) shrinks the chunks after it.  On
+    the CPU, free memory goes back to the system whenever a budget's worth of
+    factors has passed, as on the rows path.
     """
     d = math.prod(x.shape[1:])
     b = x.shape[0]
+    chunk_bytes = _chunk_bytes(budget, x.device)
+    # rows cost ~ D * sum(F_in * F_out); the Gram recursion ~ sum(F_in^2 * F_out):
+    # worth it while the layers are narrower than the input
+    limit = d // 2 if only_if_cheaper else None
+    trim = x.device.type == "cpu" and bc < b
+    identity = GramTangent(identity=True, width=d, max_width=limit)  # one for all chunks (see gram.py)
     chunks: list[_ChunkObserver] = []
+    per_example = 0
+    passed = peak = 0
     b0 = 0
     while b0 < b or not chunks:  # (an empty batch: one empty chunk)
         xb = x[b0 : b0 + bc]
-        obs = _ChunkObserver(request, d, xb.shape[0])
-        # rows cost ~ D * sum(F_in * F_out); the Gram recursion ~ sum(F_in^2 * F_out):
-        # worth it while the layers are narrower than the input
-        limit = d // 2 if only_if_cheaper else None
-        _, trace = traced(model, xb, obs, tangent=GramTangent(identity=True, width=d, max_width=limit))
+        n = xb.shape[0]
+        obs = _ChunkObserver(request, d, n)
+        _, trace = traced(model, xb, obs, tangent=identity)
         chunks.append(obs)
-        if b0 == 0 and xb.shape[0] < b:
-            per_example = max(trace.peak_bytes // xb.shape[0], 1) * _TEMPORARIES
-            bigger = max(bc, _chunk_bytes(budget, x.device) // per_example)
-            rest = b - xb.shape[0]
-            bc = _thread_multiple(math.ceil(rest / math.ceil(rest / bigger)), x.device)  # even chunks
-        b0 += xb.shape[0]
-    return _assemble(chunks, request, x)
+        b0 += n
+        peak = max(peak, trace.peak_bytes)
+        rest = b - b0
+        if n and rest:
+            held = max(math.ceil(trace.peak_bytes * _GRAM_TEMPORARIES / n), 1)
+            fits = max(1, chunk_bytes // max(per_example, held))
+            if not per_example:  # after the first chunk: as many as fit, in even chunks
+                bc = _even_chunks(rest, fits, x.device)
+            elif fits < bc:
+                bc = _thread_multiple(fits, x.device)
+            per_example = max(per_example, held)
+        del trace
+        if trim:
+            passed += n * per_example
+            if passed >= budget:
+                _release_free_memory()
+                passed = 0
+    result = _assemble(chunks, request, x)
+    result.peak_bytes = peak
+    return result
 
 
 def _assemble(chunks: list[_ChunkObserver], request: Request, x: Tensor) -> Collected:
@@ -510,6 +560,7 @@ def _assemble(chunks: list[_ChunkObserver], request: Request, x: Tensor) -> Coll
         patterns=[torch.cat([c.patterns[i] for c in chunks]) for i in range(len(first.patterns))],
         groups=first.groups,
         output=torch.cat(outputs),  # type: ignore[arg-type]
+        chunk_sizes=[c.batch_size for c in chunks],
     )
     for q in request.norms:
         norms = torch.cat([neurons(c.norms[q], c) for c in chunks])

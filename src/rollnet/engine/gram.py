@@ -47,6 +47,13 @@ class GramTangent:
         width: with ``identity``, the input dimension D.
         max_width: refuse (:class:`GramUnsupported`) layers wider than this,
             where propagating gradient rows is cheaper.
+        shared: ``left`` and ``right`` are the same for every example (the first
+            layer's weight and what follows from it before any per-example
+            scaling): they do not grow with the batch, and :attr:`nbytes` leaves
+            them out.
+        shared_scale: ``scale`` is the same for every example (eval BatchNorm),
+            so a linear layer after it keeps shared factors shared.  (Its shape
+            cannot tell: a chunk of one example has ``[1, F]`` slopes too.)
     """
 
     def __init__(
@@ -58,25 +65,49 @@ class GramTangent:
         identity: bool = False,
         width: int = 0,
         max_width: int | None = None,
+        shared: bool = False,
+        shared_scale: bool = False,
     ) -> None:
         self.left = left
         self.right = right
         self.scale = scale
         self.identity = identity
         self.max_width = max_width
+        self.shared = shared
+        self.shared_scale = shared_scale or scale is None
         self.width = width if identity else int(left.shape[1])  # type: ignore[union-attr]
+        # L @ R^T and its diagonal, formed at most once when the factors are shared by the batch:
+        # kept by the tangents with the same factors (``scaled``)
+        self._products: dict[str, Tensor] = {}
+        # the input's tangent, reused by every chunk of a batch: the first layer's tangent,
+        # so that the Gram of its weight (the same for every chunk) is formed once per batch
+        self._first: tuple[Tensor, int, GramTangent] | None = None
 
     @property
     def nbytes(self) -> int:
+        """Bytes that grow with the batch: per-example factors and scales.
+
+        Factors shared by the batch are left out: the first layer's are views of
+        its weight (its Gram ``W1 W1^T`` is formed once per batch), and any other
+        is one ``[F, M]`` product per chunk, like a weight.  Counting them per example made the planner size chunks of one
+        example under a small budget (the shared factors dominate one example's
+        bytes), and thousands of one-example passes cost time and memory.
+        """
         if self.identity or self.left is None or self.right is None:
             return 0
-        size = self.left.numel() + self.right.numel()
+        size = 0 if self.shared else self.left.numel() + self.right.numel()
+        if self.scale is not None and not self.shared_scale:
+            size += self.scale.numel()
         return size * self.left.element_size()
 
     def diagonal(self) -> Tensor:
         """``[b, F]`` squared l2 norms of the rows of J (b = B once scaled)."""
         assert self.left is not None and self.right is not None
-        d = (self.left * self.right).sum(-1)
+        d = self._products.get("diagonal")
+        if d is None:
+            d = (self.left * self.right).sum(-1)
+            if self.left.shape[0] == 1 and self.right.shape[0] == 1:  # shared: once per batch
+                self._products["diagonal"] = d
         return d if self.scale is None else d * self.scale.square()
 
     def full(self) -> Tensor:
@@ -91,9 +122,24 @@ class GramTangent:
         """The Gram of diag(s) J: ``s`` ``[B, F]`` or ``[F]``."""
         if self.identity:
             raise GramUnsupported("scaling the input directly")
+        shared_scale = self.shared_scale and s.dim() == 1  # [F]: one scale for the batch
         s = s if s.dim() == 2 else s.unsqueeze(0)
         scale = s if self.scale is None else self.scale * s
-        return GramTangent(self.left, self.right, scale, max_width=self.max_width)
+        out = GramTangent(
+            self.left, self.right, scale, max_width=self.max_width, shared=self.shared, shared_scale=shared_scale
+        )
+        out._products = self._products  # same factors, same product
+        return out
+
+    def _product(self) -> Tensor:
+        """``L @ R^T`` (unscaled), formed once for factors shared by the batch."""
+        assert self.left is not None and self.right is not None
+        if self.left.shape[0] != 1 or self.right.shape[0] != 1:
+            return torch.matmul(self.left, self.right.transpose(-1, -2))
+        g = self._products.get("g")
+        if g is None:
+            g = self._products["g"] = torch.matmul(self.left, self.right.transpose(-1, -2))
+        return g
 
     def linear(self, weight: Tensor) -> GramTangent:
         """The Gram of W J for ``weight`` ``[F', F]``."""
@@ -102,8 +148,13 @@ class GramTangent:
         if self.identity:
             if weight.shape[1] != self.width:
                 raise GramUnsupported("the first layer does not read the whole input")
+            version = _version(weight)
+            if self._first is not None and self._first[0] is weight and self._first[1] == version >= 0:
+                return self._first[2]
             w = weight.unsqueeze(0)
-            return GramTangent(w, w, max_width=self.max_width)
+            first = GramTangent(w, w, max_width=self.max_width, shared=True)
+            self._first = (weight, version, first)  # one entry: a new weight replaces it
+            return first
         assert self.left is not None and self.right is not None
         if self.scale is not None:
             active = _active_columns(self.scale)
@@ -111,16 +162,19 @@ class GramTangent:
                 return self._linear_on_active(weight, *active)
         out_width, in_width = weight.shape
         inner = self.left.shape[-1]
+        shared = self.shared and self.shared_scale
         w = weight.unsqueeze(0) if self.scale is None else weight.unsqueeze(0) * self.scale.unsqueeze(1)
         # either compose the factors (cheap for narrow outputs) or form G first
         compose = 2 * out_width * inner
         materialise = in_width * inner + out_width * in_width
         if compose <= materialise:
-            return GramTangent(torch.matmul(w, self.left), torch.matmul(w, self.right), max_width=self.max_width)
-        g = torch.matmul(self.left, self.right.transpose(-1, -2))
+            return GramTangent(
+                torch.matmul(w, self.left), torch.matmul(w, self.right), max_width=self.max_width, shared=shared
+            )
+        g = self._product()
         if self.scale is not None:
             g = g * self.scale.unsqueeze(-1) * self.scale.unsqueeze(-2)
-        return GramTangent(torch.matmul(weight, g), weight.unsqueeze(0), max_width=self.max_width)
+        return GramTangent(torch.matmul(weight, g), weight.unsqueeze(0), max_width=self.max_width, shared=shared)
 
     def _linear_on_active(self, weight: Tensor, index: Tensor, scale: Tensor) -> GramTangent:
         """W S G S W^T using only the columns with a non-zero scale (ReLU's active neurons).
@@ -136,13 +190,21 @@ class GramTangent:
         a = weight.t().index_select(0, index.reshape(-1)).reshape(b, k, -1) * scale.unsqueeze(-1)
         a = a.transpose(1, 2)  # [b, F', k]
         if self.left.shape[0] == 1 and self.right.shape[0] == 1:
-            # G shared by the batch (the first layer's W1 W1^T): form it once, then gather
-            g = torch.matmul(self.left[0], self.right[0].t())
+            # G shared by the batch (the first layer's W1 W1^T): form it once per batch, then gather
+            g = self._product()[0]
             flat = index.unsqueeze(-1) * g.shape[1] + index.unsqueeze(-2)  # [b, k, k]
             h = g.reshape(-1).index_select(0, flat.reshape(-1)).reshape(b, k, k)
         else:
             h = torch.matmul(_rows(self.left, index), _rows(self.right, index).transpose(-1, -2))
         return GramTangent(torch.matmul(a, h), a, max_width=self.max_width)
+
+
+def _version(t: Tensor) -> int:
+    """``t``'s version counter (bumped by in-place changes), or -1 where it has none (inference tensors)."""
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return -1
 
 
 def _active_columns(scale: Tensor, dense_above: float = 0.8) -> tuple[Tensor, Tensor] | None:
