@@ -243,7 +243,7 @@ COPY_USES: dict[str, Callable[[_UsesCopy], Callable[[Tensor], Tensor]]] = {
 
 def test_an_input_dependent_tensor_cannot_become_an_integer_or_bool_tensor() -> None:
     model = _UsesCopy(lambda h: h.to(torch.bool).double()).double()
-    with pytest.raises(rollnet.UnsupportedOperationError, match="torch.bool"):
+    with pytest.raises(rollnet.UnsupportedOperationError, match=r"torch\.bool"):
         rollnet.margin(model, torch.randn(B, D, dtype=torch.float64))
 
 
