@@ -40,6 +40,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from rollnet.engine.capture import module_paths
+
 __all__ = ["REFERENCE_DTYPE", "ROUNDING_MODES", "Rounding", "Working", "check_rounding", "toward_zero", "working"]
 
 Rounding = Literal["sound", "none"]
@@ -125,34 +127,13 @@ def _lowers(args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> bool:
     return any(t.dtype == REFERENCE_DTYPE for t in _tensors((args, kwargs)))
 
 
-@contextlib.contextmanager
-def _module_paths(model: nn.Module, stack: list[str]) -> Iterator[None]:
-    handles = []
-    for name, module in model.named_modules():
-
-        def pre(_m: nn.Module, _a: Any, name: str = name) -> None:
-            stack.append(name)
-
-        def post(_m: nn.Module, _a: Any, _o: Any) -> None:
-            if stack:
-                stack.pop()
-
-        handles.append(module.register_forward_pre_hook(pre))
-        handles.append(module.register_forward_hook(post, always_call=True))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _check_float64_forward(model: nn.Module, x: Tensor) -> None:
     """Run the float64 copy on a couple of examples; refuse it if it computes in lower precision."""
     paths: list[str] = []
     check = _PrecisionCheck(paths)
     failed: Exception | None = None
     try:
-        with torch.no_grad(), _module_paths(model, paths), check:
+        with torch.no_grad(), module_paths(model, paths), check:
             model(x[: min(x.shape[0], 2)])
     except Exception as err:
         if check.found is None:

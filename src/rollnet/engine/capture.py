@@ -29,7 +29,7 @@ from rollnet.engine.tracing import (
     iter_values,
 )
 
-__all__ = ["MaskedTangent", "NeuronGroup", "NeuronObserver", "Trace", "batch_shared", "run_traced"]
+__all__ = ["MaskedTangent", "NeuronGroup", "NeuronObserver", "Trace", "batch_shared", "module_paths", "run_traced"]
 
 
 class _TracingMode(TorchFunctionMode):
@@ -61,7 +61,8 @@ def _involves_input(trace: Trace, args: tuple[Any, ...], kwargs: dict[str, Any])
 
 
 @contextmanager
-def _module_paths(model: nn.Module, stack: list[str]) -> Iterator[None]:
+def module_paths(model: nn.Module, stack: list[str]) -> Iterator[None]:
+    """While active, ``stack[-1]`` is the dotted path of the innermost module running."""
     handles = []
     for name, module in model.named_modules():
 
@@ -117,7 +118,7 @@ def run_traced(
         raise ValueError("the input must have a batch dimension first: [B, *input_shape]")
     trace.set_batch_dim(x, 0)
     try:
-        with _module_paths(model, trace.module_stack), _TracingMode(trace, dispatch):
+        with module_paths(model, trace.module_stack), _TracingMode(trace, dispatch):
             out = model(x)
         _report_output(trace, observer, out, tangent)
     finally:
