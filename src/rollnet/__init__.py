@@ -20,6 +20,7 @@ from rollnet.certify import (
     neuron_gradients,
     stability_bounds,
 )
+from rollnet.engine.padding import neuron_mask
 from rollnet.errors import UnsupportedOperationError
 from rollnet.patterns import ActivationPattern, ActivationPatterns
 from rollnet.regularizer import ROLLLoss
@@ -38,5 +39,6 @@ __all__ = [
     "directional_margin",
     "margin",
     "neuron_gradients",
+    "neuron_mask",
     "stability_bounds",
 ]

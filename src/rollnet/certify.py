@@ -29,7 +29,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rollnet.engine.gradients import Collected, Request, collect, given_directions, unit_directions
+from rollnet.engine.gradients import (
+    Collected,
+    Request,
+    batch_slice,
+    collect,
+    given_directions,
+    unit_directions,
+)
 from rollnet.engine.modes import eval_mode
 from rollnet.patterns import ActivationPatterns
 from rollnet.rounding import Rounding, Working, check_rounding, working
@@ -38,6 +45,7 @@ __all__ = [
     "LinearRegions",
     "activation_pattern",
     "certified_saliency",
+    "check_forward_args",
     "count_regions",
     "directional_margin",
     "margin",
@@ -85,6 +93,22 @@ def check_input(x: Any, name: str = "x") -> Tensor:
         bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
         raise ValueError(f"{name} contains NaN or Inf (examples {bad[:10]})")
     return x
+
+
+def check_forward_args(additional_forward_args: Any, x: Tensor) -> tuple[Any, ...]:
+    """Captum's ``additional_forward_args``: ``None``, one argument, or a tuple of them, passed as
+    ``model(x, *args)`` and never perturbed.  Tensors among them must not need gradients of the
+    input (they are constants) and, when they have one entry per example, must have x's batch size."""
+    if additional_forward_args is None:
+        return ()
+    args = additional_forward_args if isinstance(additional_forward_args, tuple) else (additional_forward_args,)
+    for i, a in enumerate(args):
+        if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] != x.shape[0] and a.shape[0] != 1:
+            raise ValueError(
+                f"additional_forward_args[{i}] has {a.shape[0]} entries along its first dimension but x has "
+                f"{x.shape[0]} examples; per-example arguments (sequence lengths) need one entry per example"
+            )
+    return args
 
 
 def _margin_from(values: Tensor, norms: Tensor) -> Tensor:
@@ -142,6 +166,9 @@ class LinearRegions:
         model: a network of affine layers and piecewise-linear activations.
             It is run in eval mode; its train/eval flags are restored.
         x: ``[B, *input_shape]`` float inputs, no NaN or Inf.
+        additional_forward_args: further arguments of the model, ``model(x, *args)``
+            (Captum's convention: one value or a tuple; sequence ``lengths`` ``[B]``), never
+            perturbed.
         memory_budget: bytes of tangents held at once (default 1 GiB; on a CUDA device
             a quarter of its free memory when that is more).
         keep_gradients: also keep every neuron's full gradient
@@ -171,6 +198,7 @@ class LinearRegions:
         model: nn.Module,
         x: Tensor,
         *,
+        additional_forward_args: Any = None,
         memory_budget: int | None = None,
         keep_gradients: bool = False,
         rounding: Rounding = "sound",
@@ -179,14 +207,16 @@ class LinearRegions:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.x = check_input(x)
+        self.additional_forward_args = check_forward_args(additional_forward_args, self.x)
         self.memory_budget = memory_budget
         self._keep_gradients = keep_gradients
         self._full: Collected | None = None
         self.rounding: Rounding = check_rounding(rounding)
-        self._work = working(model, self.x, self.rounding)
+        self._work = working(model, self.x, self.rounding, self.additional_forward_args)
         work = self._work
         with torch.no_grad(), eval_mode(work.model), work.arithmetic():
-            self._base = collect(work.model, work.x, None, Request(), memory_budget=memory_budget)
+            self._base = collect(work.model, work.x, None, Request(), memory_budget=memory_budget,
+                                 forward_args=work.args)
 
     # -- cheap: one forward pass ------------------------------------------------
     @property
@@ -202,6 +232,13 @@ class LinearRegions:
     @property
     def num_neurons(self) -> int:
         return int(self._base.values.shape[1])
+
+    @property
+    def valid(self) -> Tensor:
+        """``[B, N]`` bool: which entries of :attr:`values` are neurons of their example (padded
+        time steps marked with :func:`rollnet.neuron_mask` are not; they constrain nothing)."""
+        v = self._base.valid
+        return torch.ones_like(self._base.values, dtype=torch.bool) if v is None else v
 
     def neuron_info(self) -> list[tuple[str, str, int]]:
         """``(module_path, op, size)`` for each neuron group, in the order of :attr:`values`."""
@@ -221,7 +258,7 @@ class LinearRegions:
             with torch.no_grad(), eval_mode(work.model), work.arithmetic():
                 self._full = collect(
                     work.model, work.x, unit_directions(self.x.shape[1:]), request,
-                    memory_budget=self.memory_budget,
+                    memory_budget=self.memory_budget, forward_args=work.args,
                 )
         return self._full
 
@@ -275,7 +312,8 @@ class LinearRegions:
 
 
 def margin(
-    model: nn.Module, x: Tensor, p: Norm = 2, *, memory_budget: int | None = None, rounding: Rounding = "sound"
+    model: nn.Module, x: Tensor, p: Norm = 2, *, additional_forward_args: Any = None,
+    memory_budget: int | None = None, rounding: Rounding = "sound",
 ) -> Tensor:
     """Radius of the largest lp ball around each input inside its linear region.
 
@@ -288,6 +326,9 @@ def margin(
         model: the network, run in eval mode (flags restored afterwards).
         x: ``[B, *input_shape]`` inputs.
         p: 1, 2, or ``float("inf")`` / ``"inf"``.
+        additional_forward_args: further arguments of the model, ``model(x, *args)``:
+            one value or a tuple (Captum's convention), never perturbed; tensors with one
+            entry per example (sequence ``lengths`` ``[B]``) are cut with the batch.
         memory_budget: bytes of tangents held at once (default 1 GiB; on a CUDA device
             a quarter of its free memory when that is more).
         rounding: ``"sound"`` (default): the radius never exceeds the float64
@@ -311,13 +352,15 @@ def margin(
     """
     q = _DUAL[parse_norm(p)]
     x = check_input(x)
+    args = check_forward_args(additional_forward_args, x)
     rounding = check_rounding(rounding)
     if x.shape[0] == 0:
         return x.new_empty(0)
-    work = working(model, x, rounding)
+    work = working(model, x, rounding, args)
     with torch.no_grad(), eval_mode(work.model), work.arithmetic():
         got = collect(
-            work.model, work.x, unit_directions(x.shape[1:]), Request(norms=(q,)), memory_budget=memory_budget
+            work.model, work.x, unit_directions(x.shape[1:]), Request(norms=(q,)), memory_budget=memory_budget,
+            forward_args=work.args,
         )
     return work.certificate(_margin_from(got.values, got.norms[q]))
 
@@ -349,14 +392,14 @@ def _directional(work: Working, x: Tensor, direction: Tensor, memory_budget: int
     vectors = work.cast(direction).unsqueeze(0)
     with torch.no_grad(), eval_mode(work.model), work.arithmetic():
         got = collect(work.model, work.x, given_directions(vectors, work.x), Request(crossings=True),
-                      memory_budget=memory_budget)
+                      memory_budget=memory_budget, forward_args=work.args)
     assert got.cross_plus is not None
     return work.certificate(got.cross_plus[:, 0])
 
 
 def directional_margin(
-    model: nn.Module, x: Tensor, direction: Tensor, *, memory_budget: int | None = None,
-    rounding: Rounding = "sound",
+    model: nn.Module, x: Tensor, direction: Tensor, *, additional_forward_args: Any = None,
+    memory_budget: int | None = None, rounding: Rounding = "sound",
 ) -> Tensor:
     """Largest t >= 0 such that x + s * direction keeps x's pattern for all 0 <= s < t.
 
@@ -369,6 +412,9 @@ def directional_margin(
         x: ``[B, *input_shape]`` inputs.
         direction: shaped like x (one per example) or like one example (shared);
             must be non-zero.
+        additional_forward_args: further arguments of the model, ``model(x, *args)``:
+            one value or a tuple (Captum's convention), never perturbed; tensors with one
+            entry per example (sequence ``lengths`` ``[B]``) are cut with the batch.
         rounding: ``"sound"`` (default) or ``"none"``, as in :func:`margin`: with
             ``"sound"``, t never exceeds the float64 distance.
 
@@ -382,21 +428,25 @@ def directional_margin(
         torch.Size([3])
     """
     x = check_input(x)
+    args = check_forward_args(additional_forward_args, x)
     rounding = check_rounding(rounding)
     if x.shape[0] == 0:  # (validates the direction first, without copying the model)
-        return _directional(working(model, x, "none"), x, direction, memory_budget)
-    return _directional(working(model, x, rounding), x, direction, memory_budget)
+        return _directional(working(model, x, "none", args), x, direction, memory_budget)
+    return _directional(working(model, x, rounding, args), x, direction, memory_budget)
 
 
 def stability_bounds(
-    model: nn.Module, x: Tensor, *, memory_budget: int | None = None, rounding: Rounding = "sound"
+    model: nn.Module, x: Tensor, *, additional_forward_args: Any = None, memory_budget: int | None = None,
+    rounding: Rounding = "sound",
 ) -> tuple[Tensor, Tensor]:
     """Per-coordinate stability intervals: how far each input coordinate alone can move.
 
     Returns ``(lower, upper)``, each shaped like x, with ``lower <= 0 <= upper``:
     moving coordinate k alone by delta with ``lower[k] < delta < upper[k]``
-    keeps the activation pattern (so the gradients) exactly.  For sequences,
-    every time step and channel gets its own interval.
+    keeps the activation pattern (so the gradients) exactly.  For sequences
+    ``[B, T, C]``, every time step and channel gets its own interval; padded
+    steps (past ``lengths``, given through ``additional_forward_args`` to a model
+    that marks them with :func:`rollnet.neuron_mask`) get unbounded ones.
 
     ``rounding="sound"`` (default) or ``"none"``, as in :func:`margin`: with
     ``"sound"``, both bounds are rounded toward zero, so each interval lies
@@ -410,18 +460,19 @@ def stability_bounds(
         (torch.Size([2, 3]), torch.Size([2, 3]))
     """
     x = check_input(x)
+    args = check_forward_args(additional_forward_args, x)
     rounding = check_rounding(rounding)
     if x.shape[0] == 0:
         return x.new_empty(x.shape), x.new_empty(x.shape)
-    work = working(model, x, rounding)
+    work = working(model, x, rounding, args)
     with torch.no_grad(), eval_mode(work.model), work.arithmetic():
         got = collect(work.model, work.x, unit_directions(x.shape[1:]), Request(crossings=True),
-                      memory_budget=memory_budget)
+                      memory_budget=memory_budget, forward_args=work.args)
     assert got.cross_plus is not None and got.cross_minus is not None
     return work.certificate(-got.cross_minus.reshape(x.shape)), work.certificate(got.cross_plus.reshape(x.shape))
 
 
-def activation_pattern(model: nn.Module, x: Tensor) -> ActivationPatterns:
+def activation_pattern(model: nn.Module, x: Tensor, *, additional_forward_args: Any = None) -> ActivationPatterns:
     """The activation pattern of each example: hashable, comparable.
 
     ``activation_pattern(model, x)[i] == activation_pattern(model, y)[j]``
@@ -436,20 +487,22 @@ def activation_pattern(model: nn.Module, x: Tensor) -> ActivationPatterns:
         (True, 1)
     """
     x = check_input(x)
+    args = check_forward_args(additional_forward_args, x)
     with torch.no_grad(), eval_mode(model):
-        got = collect(model, x, None, Request())
+        got = collect(model, x, None, Request(), forward_args=args)
     return ActivationPatterns(got.patterns, x.shape[0])
 
 
 def neuron_gradients(
-    model: nn.Module, x: Tensor, *, memory_budget: int | None = None
+    model: nn.Module, x: Tensor, *, additional_forward_args: Any = None, memory_budget: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """All neuron values and their input gradients, from one batched forward-mode pass.
 
     Returns:
         ``(z, grads)``: ``z`` ``[B, N]`` neuron values and ``grads``
         ``[B, N, *input_shape]`` with ``grads[b, j] = d z_j / d x`` at ``x[b]``.
-        Neurons are ordered by execution, each group flattened per example.
+        Neurons are ordered by execution, each group flattened per example.  Entries
+        that are not neurons (padded steps, :func:`rollnet.neuron_mask`) have zero gradients.
 
     Example:
         >>> import torch, rollnet
@@ -459,15 +512,17 @@ def neuron_gradients(
         (torch.Size([5, 4]), torch.Size([5, 4, 3]))
     """
     x = check_input(x)
+    args = check_forward_args(additional_forward_args, x)
     with torch.no_grad(), eval_mode(model):
-        got = collect(model, x, unit_directions(x.shape[1:]), Request(rows=True), memory_budget=memory_budget)
+        got = collect(model, x, unit_directions(x.shape[1:]), Request(rows=True), memory_budget=memory_budget,
+                      forward_args=args)
     assert got.rows is not None
     return got.values, got.rows.reshape(*got.rows.shape[:2], *x.shape[1:])
 
 
 def certified_saliency(
-    model: nn.Module, x: Tensor, target: Target = None, p: Norm = 2, *, memory_budget: int | None = None,
-    rounding: Rounding = "sound",
+    model: nn.Module, x: Tensor, target: Target = None, p: Norm = 2, *, additional_forward_args: Any = None,
+    memory_budget: int | None = None, rounding: Rounding = "sound",
 ) -> tuple[Tensor, Tensor]:
     """The gradient of the target logit and the lp radius within which it is exactly constant.
 
@@ -477,6 +532,9 @@ def certified_saliency(
         target: Captum's rules: an int (same logit for all), a list or
             tensor with one index per example, or ``None`` for a single output.
         p: norm of the radius: 1, 2 or inf.
+        additional_forward_args: further arguments of the model, ``model(x, *args)``:
+            one value or a tuple (Captum's convention), never perturbed; tensors with one
+            entry per example (sequence ``lengths`` ``[B]``) are cut with the batch.
         rounding: ``"sound"`` (default) or ``"none"``, as in :func:`margin`: with
             ``"sound"`` the radius never exceeds the float64 one, and the
             saliency is the float64 gradient rounded to x's dtype.
@@ -493,28 +551,44 @@ def certified_saliency(
     """
     q = _DUAL[parse_norm(p)]
     x = check_input(x)
+    args = check_forward_args(additional_forward_args, x)
     rounding = check_rounding(rounding)
-    work = working(model, x, rounding) if x.shape[0] else working(model, x, "none")
+    work = working(model, x, rounding if x.shape[0] else "none", args)
     with torch.no_grad(), eval_mode(work.model), work.arithmetic():
         got = collect(work.model, work.x, unit_directions(x.shape[1:]), Request(norms=(q,), output=True),
-                      memory_budget=memory_budget)
+                      memory_budget=memory_budget, forward_args=work.args)
     assert got.output_rows is not None
     saliency = _target_gradient(got.output_rows, got.output, target, x.shape)
     return work.plain(saliency), work.certificate(_margin_from(got.values, got.norms[q]))
 
 
-def _batches(data: Any, batch_size: int) -> Iterable[Tensor]:
+def _batches(data: Any, batch_size: int, args: tuple[Any, ...]) -> Iterable[tuple[Tensor, tuple[Any, ...]]]:
     if isinstance(data, Tensor):
         for i in range(0, data.shape[0], batch_size):
-            yield data[i : i + batch_size]
+            yield data[i : i + batch_size], batch_slice(args, i, i + batch_size, data.shape[0])
         return
+    if args:
+        raise ValueError(
+            "additional_forward_args needs data as one tensor [M, *input_shape] (its per-example "
+            "arguments are cut with it); for a DataLoader, call count_regions per batch"
+        )
     for item in data:
-        yield item[0] if isinstance(item, (tuple, list)) else item
+        yield (item[0] if isinstance(item, (tuple, list)) else item), ()
+
+
+def _stack_args(parts: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+    """Per-example further arguments (each cut to one example) joined into one batch's."""
+    if not parts or not parts[0]:
+        return ()
+    return tuple(
+        torch.cat([p[i] for p in parts]) if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == 1 else a
+        for i, a in enumerate(parts[0])
+    )
 
 
 def count_regions(
     model: nn.Module, data: Tensor | Iterable[Any], batch_size: int = 256, *,
-    memory_budget: int | None = None,
+    additional_forward_args: Any = None, memory_budget: int | None = None,
 ) -> tuple[int, int]:
     """Bounds on the number of complete linear regions that the data points occupy.
 
@@ -523,6 +597,9 @@ def count_regions(
         data: a tensor ``[M, *input_shape]`` or an iterable of batches (tensors,
             or tuples whose first element is the input, as a DataLoader gives).
         batch_size: examples per forward pass when ``data`` is a tensor.
+        additional_forward_args: further arguments of the model for a tensor ``data``
+            (one value or a tuple; tensors with one entry per example, such as sequence
+            ``lengths`` ``[M]``, are cut with the batches).
 
     Returns:
         ``(n_patterns, n_jacobians)``: the number of distinct activation
@@ -540,24 +617,28 @@ def count_regions(
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    representatives: dict[bytes, Tensor] = {}
+    args = () if additional_forward_args is None else check_forward_args(
+        additional_forward_args, data if isinstance(data, Tensor) else torch.empty(0, 1)
+    )
+    representatives: dict[bytes, tuple[Tensor, tuple[Any, ...]]] = {}
     with torch.no_grad(), eval_mode(model):
-        for xb in _batches(data, batch_size):
+        for xb, argsb in _batches(data, batch_size, args):
             xb = check_input(xb, "data")
             if xb.shape[0] == 0:
                 continue
-            got = collect(model, xb, None, Request())
+            got = collect(model, xb, None, Request(), forward_args=argsb)
             keys = ActivationPatterns(got.patterns, xb.shape[0]).keys()
             for i, key in enumerate(keys):
                 if key not in representatives:
-                    representatives[key] = xb[i]
+                    representatives[key] = (xb[i], batch_slice(argsb, i, i + 1, xb.shape[0]))
     if not representatives:
         return 0, 0
-    return len(representatives), _count_distinct_jacobians(model, list(representatives.values()), batch_size, memory_budget)
+    points = list(representatives.values())
+    return len(representatives), _count_distinct_jacobians(model, points, batch_size, memory_budget)
 
 
 def _count_distinct_jacobians(
-    model: nn.Module, points: list[Tensor], batch_size: int, memory_budget: int | None
+    model: nn.Module, points: list[tuple[Tensor, tuple[Any, ...]]], batch_size: int, memory_budget: int | None
 ) -> int:
     try:
         model64 = copy.deepcopy(model).to(torch.float64)
@@ -565,14 +646,19 @@ def _count_distinct_jacobians(
         rel = 1e-9
     except Exception:  # a model that cannot be copied: use its own precision
         model64 = model
-        dtype = points[0].dtype
+        dtype = points[0][0].dtype
         rel = 1e-9 if dtype == torch.float64 else 1e-4
     jacobians = []
     with torch.no_grad(), eval_mode(model64):
         for i in range(0, len(points), batch_size):
-            xb = torch.stack(points[i : i + batch_size]).to(dtype)
+            part = points[i : i + batch_size]
+            xb = torch.stack([p[0] for p in part]).to(dtype)
+            argsb = tuple(
+                a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a
+                for a in _stack_args([p[1] for p in part])
+            )
             got = collect(model64, xb, unit_directions(xb.shape[1:]), Request(output=True),
-                          memory_budget=memory_budget)
+                          memory_budget=memory_budget, forward_args=argsb)
             assert got.output_rows is not None
             jacobians.append(got.output_rows.flatten(1))
     flat = torch.cat(jacobians)

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from rollnet.engine.capture import module_paths
+from rollnet.engine.gradients import batch_slice
 
 __all__ = ["REFERENCE_DTYPE", "ROUNDING_MODES", "Rounding", "Working", "check_rounding", "toward_zero", "working"]
 
@@ -127,14 +128,15 @@ def _lowers(args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> bool:
     return any(t.dtype == REFERENCE_DTYPE for t in _tensors((args, kwargs)))
 
 
-def _check_float64_forward(model: nn.Module, x: Tensor) -> None:
+def _check_float64_forward(model: nn.Module, x: Tensor, forward_args: tuple[Any, ...] = ()) -> None:
     """Run the float64 copy on a couple of examples; refuse it if it computes in lower precision."""
     paths: list[str] = []
     check = _PrecisionCheck(paths)
     failed: Exception | None = None
     try:
         with torch.no_grad(), module_paths(model, paths), check:
-            model(x[: min(x.shape[0], 2)])
+            n = min(x.shape[0], 2)
+            model(x[:n], *batch_slice(forward_args, 0, n, x.shape[0]))
     except Exception as err:
         if check.found is None:
             # not a precision problem (a wrong input shape, an unsupported layer): the engine runs
@@ -169,16 +171,20 @@ class Working:
     Attributes:
         model: the model to trace (the caller's, or its float64 copy).
         x: the input to trace (the caller's, or cast to float64).
+        args: the model's further arguments (``additional_forward_args``), their floating
+            tensors cast like x.
         dtype: the caller's dtype, in which results are returned.
         device: the caller's device, where results are returned.
         recomputed: whether ``model`` and ``x`` are float64 stand-ins.
     """
 
     def __init__(
-        self, model: nn.Module, x: Tensor, dtype: torch.dtype, device: torch.device, recomputed: bool
+        self, model: nn.Module, x: Tensor, dtype: torch.dtype, device: torch.device, recomputed: bool,
+        args: tuple[Any, ...] = (),
     ) -> None:
         self.model = model
         self.x = x
+        self.args = args
         self.dtype = dtype
         self.device = device
         self.recomputed = recomputed
@@ -210,7 +216,16 @@ class Working:
             yield
 
 
-def working(model: nn.Module, x: Tensor, rounding: Any) -> Working:
+def _moved(args: tuple[Any, ...], device: torch.device) -> tuple[Any, ...]:
+    """Further arguments for the float64 stand-in: tensors on its device, floating ones in float64."""
+    return tuple(
+        a.to(device=device, dtype=REFERENCE_DTYPE if a.is_floating_point() else a.dtype)
+        if isinstance(a, Tensor) else a
+        for a in args
+    )
+
+
+def working(model: nn.Module, x: Tensor, rounding: Any, forward_args: tuple[Any, ...] = ()) -> Working:
     """The model and input to trace for ``rounding`` (see the module docstring).
 
     ``"sound"`` with ``x`` in a precision below float64: a float64 copy of the
@@ -221,16 +236,17 @@ def working(model: nn.Module, x: Tensor, rounding: Any) -> Working:
     """
     mode = check_rounding(rounding)
     if mode == "none" or x.dtype == REFERENCE_DTYPE or not x.is_floating_point():
-        return Working(model, x, x.dtype, x.device, recomputed=False)
+        return Working(model, x, x.dtype, x.device, recomputed=False, args=forward_args)
     device = torch.device("cpu") if x.device.type == "mps" else x.device
     clone = float64_copy(model).to(device)
     x64 = x.to(device=device, dtype=REFERENCE_DTYPE)
+    args64 = _moved(forward_args, device)
     was_training = [m.training for m in clone.modules()]
     clone.eval()
     try:
         if x64.shape[0]:
-            _check_float64_forward(clone, x64)
+            _check_float64_forward(clone, x64, args64)
     finally:
         for m, flag in zip(clone.modules(), was_training, strict=True):
             m.training = flag
-    return Working(clone, x64, x.dtype, x.device, recomputed=True)
+    return Working(clone, x64, x.dtype, x.device, recomputed=True, args=args64)

@@ -294,6 +294,9 @@ RULE_CASES: dict[str, tuple[Callable[[Tensor], Tensor], tuple[int, ...]]] = {
     "max_units.elementwise_max": _lam(lambda x: torch.maximum(x, x.flip(1) * 0.5)),
     "max_units.max_pool": _lam(lambda x: F.max_pool1d(x, 2).flatten(1), (2, 4)),
     "max_units.reduce_max": _lam(lambda x: x.view(x.shape[0], 2, 2).amax(2)),
+    "padding.mark_neurons": _lam(
+        lambda x: F.relu(rollnet.neuron_mask(x @ _W, torch.tensor([[True], [False], [True], [True]])))
+    ),
     "structural.convert": _lam(lambda x: F.relu(x.float().double())),
     "structural.pad": _lam(lambda x: F.relu(F.pad(x, (1, 1), value=0.5))),
     "structural.reshape": _lam(lambda x: F.relu(x.reshape(x.shape[0], 2, 2).flatten(1))),

@@ -11,6 +11,7 @@ from rollnet.engine.gradients import (
     unit_directions,
 )
 from rollnet.engine.modes import eval_mode
+from rollnet.engine.padding import neuron_mask
 from rollnet.engine.rules import RULES, register
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "collect",
     "eval_mode",
     "given_directions",
+    "neuron_mask",
     "register",
     "run_traced",
     "unit_directions",

@@ -91,11 +91,12 @@ def run_traced(
     unit: Tensor | None = None,
     allow_batch_statistics: bool = False,
     update_running_stats: bool = False,
+    forward_args: tuple[Any, ...] = (),
 ) -> tuple[Tensor, Trace]:
-    """Run ``model(x)`` once, reporting neurons and the output to ``observer``.
+    """Run ``model(x, *forward_args)`` once, reporting neurons and the output to ``observer``.
 
     Args:
-        model: the network; called as ``model(x)``.
+        model: the network; called as ``model(x, *forward_args)``.
         x: ``[B, *input_shape]`` input.
         observer: receives :class:`NeuronGroup` objects and the output.
         tangent: ``[K, B, *input_shape]`` input directions (may have stride 0
@@ -104,6 +105,8 @@ def run_traced(
             the ``[K]`` indices k (lets the first affine layer read its
             Jacobian off its weights).
         allow_batch_statistics: see :class:`Trace`.
+        forward_args: further arguments of the model (sequence lengths, ...): never
+            perturbed, so nothing computed from them alone is input-dependent.
 
     Returns:
         The model's output ``[B, ...]`` and the finished :class:`Trace`
@@ -119,7 +122,7 @@ def run_traced(
     trace.set_batch_dim(x, 0)
     try:
         with module_paths(model, trace.module_stack), _TracingMode(trace, dispatch):
-            out = model(x)
+            out = model(x, *forward_args)
         _report_output(trace, observer, out, tangent)
     finally:
         trace.release()

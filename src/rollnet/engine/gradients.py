@@ -37,6 +37,7 @@ __all__ = [
     "Collected",
     "Directions",
     "Request",
+    "batch_slice",
     "collect",
     "given_directions",
     "plan_chunks",
@@ -172,6 +173,9 @@ class Collected:
         squared_l2: ``[B, N]`` squared l2 norms (differentiable when asked).
         cross_plus, cross_minus: ``[B, K]`` distance along +d_k / -d_k to the first flip.
         rows: ``[B, N, K]`` neuron gradients along each direction.
+        valid: ``[B, N]`` bool, ``False`` for elements that are not neurons (padded time
+            steps, :func:`rollnet.engine.padding.neuron_mask`; their gradients are zero),
+            ``None`` when every element is a neuron.
         output: ``[B, *output_shape]`` model output.
         output_rows: ``[B, *output_shape, K]`` output derivatives along each direction.
         chunk_sizes: the examples in each batch chunk, in order (how the batch was cut).
@@ -189,6 +193,7 @@ class Collected:
     cross_minus: Tensor | None = None
     rows: Tensor | None = None
     output_rows: Tensor | None = None
+    valid: Tensor | None = None
     chunk_sizes: list[int] = field(default_factory=list)
     peak_bytes: int = 0
 
@@ -236,6 +241,7 @@ class _ChunkObserver:
         self.plus: Tensor | None = None
         self.minus: Tensor | None = None
         self.rows: list[Tensor] = []
+        self.valid: list[Tensor | None] = []
         self.output_value: Tensor | None = None
         self.output_rows: Tensor | None = None
 
@@ -250,6 +256,7 @@ class _ChunkObserver:
         if self.first:
             self.values.append(group.values)
             self.patterns.append(group.pattern)
+            self.valid.append(group.valid)
             self.groups.append(GroupInfo(group.module_path, group.op, group.values.shape[1], group.always_on))
         elif i >= len(self.groups) or group.values.shape[1] != self.groups[i].size:
             raise RuntimeError("the model ran differently on the same input (non-deterministic forward)")
@@ -316,10 +323,22 @@ def plan_chunks(
     directions: Directions,
     memory_budget: int | None = None,
     allow_batch_statistics: bool = False,
+    forward_args: tuple[Any, ...] = (),
 ) -> tuple[int, int]:
     """Chunk sizes (examples, directions) that :func:`collect` would use, from one probe pass."""
     with torch.no_grad():
-        return _plan(model, x, directions, resolve_memory_budget(memory_budget, x.device), allow_batch_statistics)
+        budget = resolve_memory_budget(memory_budget, x.device)
+        return _plan(model, x, directions, budget, allow_batch_statistics, forward_args)
+
+
+def batch_slice(args: tuple[Any, ...], start: int, stop: int, batch_size: int) -> tuple[Any, ...]:
+    """The model's further arguments for examples ``start:stop``: tensors with one entry per
+    example (first dimension ``batch_size``) are sliced, everything else is passed whole."""
+    if not args or (start == 0 and stop >= batch_size):
+        return args
+    return tuple(
+        a[start:stop] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == batch_size else a for a in args
+    )
 
 
 def resolve_memory_budget(memory_budget: int | None, device: torch.device) -> int:
@@ -342,7 +361,8 @@ def _chunk_bytes(budget: int, device: torch.device) -> int:
 
 
 def _plan(
-    model: nn.Module, x: Tensor, directions: Directions, budget: int, allow_batch_statistics: bool
+    model: nn.Module, x: Tensor, directions: Directions, budget: int, allow_batch_statistics: bool,
+    forward_args: tuple[Any, ...] = (),
 ) -> tuple[int, int]:
     """Chunk sizes (examples, directions) whose tangents fit in ``budget`` bytes."""
     b, k = x.shape[0], directions.count
@@ -358,7 +378,7 @@ def _plan(
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         _, trace = run_traced(
             model, x[:n], probe, tangent=tangent.contiguous(), unit=None,
-            allow_batch_statistics=allow_batch_statistics,
+            allow_batch_statistics=allow_batch_statistics, forward_args=batch_slice(forward_args, 0, n, b),
         )
     per_unit = max(trace.peak_bytes // n, 1) * _TEMPORARIES
     budget = _chunk_bytes(budget, x.device)
@@ -414,6 +434,7 @@ def collect(
     method: str = "auto",
     plan: tuple[int, int] | None = None,
     update_running_stats: bool = False,
+    forward_args: tuple[Any, ...] = (),
 ) -> Collected:
     """Run the linearized network on ``x`` along ``directions`` and keep what ``request`` asks.
 
@@ -436,6 +457,9 @@ def collect(
             skip its probe pass when the same shapes come again.
         update_running_stats: in training mode, let BatchNorm update its
             running statistics in this pass (when it is the training forward).
+        forward_args: further arguments, ``model(x, *forward_args)`` (Captum's
+            ``additional_forward_args``): never perturbed; tensors with one entry per
+            example are cut with the batch chunks.
     """
     if method not in ("auto", "gram", "rows"):
         raise ValueError(f"method must be 'auto', 'gram' or 'rows', got {method!r}")
@@ -447,13 +471,13 @@ def collect(
     elif plan is not None:
         bc, kc = plan
     else:
-        bc, kc = _plan(model, x, directions, budget, allow_batch_statistics)
+        bc, kc = _plan(model, x, directions, budget, allow_batch_statistics, forward_args)
     traced = functools.partial(
         run_traced, allow_batch_statistics=allow_batch_statistics, update_running_stats=update_running_stats
     )
     if method != "rows" and _gram_applies(request, directions, x):
         try:
-            return _collect_gram(model, x, request, bc, budget, traced, method == "auto")
+            return _collect_gram(model, x, request, bc, budget, traced, method == "auto", forward_args)
         except GramUnsupported:
             if method == "gram":
                 raise
@@ -463,14 +487,15 @@ def collect(
     trim_every, passes, peak = max(1, budget // _chunk_bytes(budget, x.device)), 0, 0
     for b0 in range(0, max(b, 1), bc):  # (an empty batch: one empty chunk)
         xb = x[b0 : b0 + bc]
+        args = batch_slice(forward_args, b0, b0 + bc, b)
         obs = _ChunkObserver(request, k_total, xb.shape[0])
         if directions is None:
-            traced(model, xb, obs, tangent=None)
+            traced(model, xb, obs, tangent=None, forward_args=args)
         else:
             for k0 in range(0, k_total, kc):
                 obs.start(k0)
                 tangent, unit = directions.chunk(k0, min(k0 + kc, k_total), xb, b0)
-                _, trace = traced(model, xb, obs, tangent=tangent, unit=unit)
+                _, trace = traced(model, xb, obs, tangent=tangent, unit=unit, forward_args=args)
                 peak = max(peak, trace.peak_bytes)
                 del tangent, unit, trace
                 obs.finish_pass()
@@ -491,6 +516,7 @@ def _collect_gram(
     budget: int,
     traced: Callable[..., Any],
     only_if_cheaper: bool,
+    forward_args: tuple[Any, ...] = (),
 ) -> Collected:
     """Squared l2 norms by the Gram recursion (see :mod:`rollnet.engine.gram`).
 
@@ -519,7 +545,8 @@ def _collect_gram(
         xb = x[b0 : b0 + bc]
         n = xb.shape[0]
         obs = _ChunkObserver(request, d, n)
-        _, trace = traced(model, xb, obs, tangent=identity)
+        args = batch_slice(forward_args, b0, b0 + n, b)
+        _, trace = traced(model, xb, obs, tangent=identity, forward_args=args)
         chunks.append(obs)
         b0 += n
         peak = max(peak, trace.peak_bytes)
@@ -562,6 +589,15 @@ def _assemble(chunks: list[_ChunkObserver], request: Request, x: Tensor) -> Coll
         output=torch.cat(outputs),  # type: ignore[arg-type]
         chunk_sizes=[c.batch_size for c in chunks],
     )
+    if any(v is not None for c in chunks for v in c.valid):
+
+        def valid(c: _ChunkObserver) -> list[Tensor]:
+            return [
+                torch.ones_like(values, dtype=torch.bool) if v is None else v
+                for v, values in zip(c.valid, c.values, strict=True)
+            ]
+
+        result.valid = torch.cat([neurons(valid(c), c) for c in chunks])
     for q in request.norms:
         norms = torch.cat([neurons(c.norms[q], c) for c in chunks])
         result.norms[q] = norms.sqrt() if q == 2.0 else norms

@@ -72,6 +72,9 @@ class NeuronGroup:
         always_on: ``True`` for max-unit differences, which must stay >= 0 (a
             zero difference is a tie and flips at once); ``False`` for
             ReLU-like neurons, which are on iff ``z > 0``.
+        valid: ``[B, n]`` bool, ``False`` for elements that are not neurons (padded time
+            steps, see :func:`rollnet.engine.padding.neuron_mask`); ``None`` when all are.
+            Their tangents and squared norms are zero and their pattern entries constant.
     """
 
     index: int
@@ -82,6 +85,7 @@ class NeuronGroup:
     pattern: Tensor
     always_on: bool = False
     squared_norms: Tensor | None = None
+    valid: Tensor | None = None
 
     def signs(self) -> Tensor:
         """``[B, n]`` +1 for neurons that are on, -1 for those that are off."""
@@ -185,6 +189,8 @@ class Trace:
         self.peak_bytes = 0
         # id(tensor) -> its batch dimension, set by the dispatch once the rule's declaration is checked
         self._batch_dims: dict[int, int] = {}
+        # id(tensor) -> bool mask (broadcastable to it): the elements that are neurons (neuron_mask)
+        self._valid: dict[int, Tensor] = {}
         # id(value) -> weak reference: copies cut off from the input (detach, .data, NumPy views)
         self._tainted: dict[int, weakref.ref[Any]] = {}
         self._probe_generator: torch.Generator | None = None
@@ -238,15 +244,18 @@ class Trace:
         sizes = self._sizes
 
         batch_dims = self._batch_dims
+        valid = self._valid
 
         def _forget(_: object, key: int = key) -> None:
             entries.pop(key, None)
             units.pop(key, None)
             batch_dims.pop(key, None)
+            valid.pop(key, None)
             self.live_bytes -= sizes.pop(key, 0)
 
         self.live_bytes -= sizes.pop(key, 0)
         batch_dims.pop(key, None)  # (re)set by the dispatch from the rule's declaration
+        valid.pop(key, None)
         self._tainted.pop(key, None)
         if tangent is not None:
             nbytes = (
@@ -292,6 +301,14 @@ class Trace:
     def has_batch_dim(self, value: Tensor) -> bool:
         return id(value) in self._batch_dims
 
+    def set_validity(self, value: Tensor, valid: Tensor) -> None:
+        """Record which elements of the tracked ``value`` are neurons (``valid`` bool, broadcastable)."""
+        self._valid[id(value)] = valid
+
+    def validity(self, value: Tensor) -> Tensor | None:
+        """The bool mask of ``value``'s elements that are neurons, or ``None`` (all of them)."""
+        return self._valid.get(id(value)) if self.is_tracked(value) else None
+
     def probe_generator(self) -> torch.Generator:
         """The pass's own seeded generator for batch-dimension probes (the global RNG is untouched)."""
         if self._probe_generator is None:
@@ -329,6 +346,7 @@ class Trace:
         self._unit.clear()
         self._sizes.clear()
         self._batch_dims.clear()
+        self._valid.clear()
         self._tainted.clear()
         self.live_bytes = 0
 
@@ -349,8 +367,23 @@ class Trace:
         *,
         always_on: bool = False,
         squared_norms: Tensor | None = None,
+        valid: Tensor | None = None,
     ) -> None:
-        """Report one group of neurons (values ``[B, n]``, tangents ``[K, B, n]``)."""
+        """Report one group of neurons (values ``[B, n]``, tangents ``[K, B, n]``).
+
+        ``valid`` ``[B, n]`` bool marks the elements that are neurons; the others get zero
+        tangents and squared norms (they constrain nothing) and a constant pattern entry.
+        """
+        if valid is not None:
+            valid = valid.to(device=values.device, dtype=torch.bool)
+            if tangents is not None:
+                tangents = tangents * valid.to(tangents.dtype)
+            if squared_norms is not None:
+                squared_norms = squared_norms * valid.to(squared_norms.dtype)
+            if pattern.dtype == torch.bool:
+                pattern = pattern & valid
+            else:
+                pattern = torch.where(valid, pattern, -1)
         group = NeuronGroup(
             index=self.num_groups,
             module_path=self.module_path,
@@ -360,6 +393,7 @@ class Trace:
             pattern=pattern,
             always_on=always_on,
             squared_norms=squared_norms,
+            valid=valid,
         )
         self.num_groups += 1
         self.observer.neurons(group)

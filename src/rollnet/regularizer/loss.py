@@ -13,12 +13,12 @@ keeping its gradient small: a large l2 margin |z_j| / ||grad z_j||_2.
 from __future__ import annotations
 
 import math
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
 
-from rollnet.certify import check_input
+from rollnet.certify import check_forward_args, check_input
 from rollnet.engine.gradients import (
     Directions,
     Request,
@@ -135,43 +135,65 @@ class ROLLLoss(nn.Module):
         return given_directions(vectors, x), 1.0 / k
 
     def _collect(
-        self, model: nn.Module, x: Tensor, update_running_stats: bool, per_example_mean: bool = False
-    ) -> tuple[Tensor, Tensor]:
-        """The model's output and the ``[B, N]`` bracketed term of every neuron; with
-        ``per_example_mean``, the fused chain pass may return their ``[B]`` means instead."""
+        self, model: nn.Module, x: Tensor, update_running_stats: bool, per_example_mean: bool = False,
+        forward_args: Any = None,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The model's output, the ``[B, N]`` bracketed term of every neuron and which of them are
+        neurons (``[B, N]`` bool, or ``None``: all); with ``per_example_mean``, the fused chain pass
+        may return their ``[B]`` means instead."""
         x = check_input(x)
+        args = check_forward_args(forward_args, x)
         directions, scale = self._directions(x)
-        if self.approx is not None and self.fused:
+        if self.approx is not None and self.fused and not args:
             chain = find_chain(model)
             if chain is not None and fusable(chain, x, directions, self.memory_budget):
-                return chain_terms(chain, x, directions, scale, self.C, mean=per_example_mean)
+                output, terms = chain_terms(chain, x, directions, scale, self.C, mean=per_example_mean)
+                return output, terms, None
         key = (id(model), tuple(x.shape), f"{x.dtype}{x.device}{model.training}")
         plan = self._plans.get(key)
         if plan is None:
-            plan = plan_chunks(model, x, directions, self.memory_budget, allow_batch_statistics=True)
+            plan = plan_chunks(model, x, directions, self.memory_budget, allow_batch_statistics=True,
+                               forward_args=args)
             self._plans = {key: plan}  # keep only the latest shape
         with torch.enable_grad():
             got = collect(model, x, directions, Request(squared_l2=True), memory_budget=self.memory_budget,
-                          allow_batch_statistics=True, plan=plan, update_running_stats=update_running_stats)
+                          allow_batch_statistics=True, plan=plan, update_running_stats=update_running_stats,
+                          forward_args=args)
         assert got.squared_l2 is not None
         squared = got.squared_l2 if scale == 1.0 else got.squared_l2 * scale
-        return got.output, squared + self.C * hinge(got.values)
+        terms = squared + self.C * hinge(got.values)
+        if got.valid is not None:
+            terms = torch.where(got.valid, terms, 0.0)
+        return got.output, terms, got.valid
 
-    def neuron_terms(self, model: nn.Module, x: Tensor) -> Tensor:
-        """``[B, N]`` the bracketed term of every neuron (before top-gamma selection)."""
-        return self._collect(model, x, update_running_stats=False)[1]
-
-    @overload
-    def forward(self, model: nn.Module, x: Tensor) -> Tensor: ...
-
-    @overload
-    def forward(self, model: nn.Module, x: Tensor, return_output: Literal[False]) -> Tensor: ...
+    def neuron_terms(self, model: nn.Module, x: Tensor, *, additional_forward_args: Any = None) -> Tensor:
+        """``[B, N]`` the bracketed term of every neuron (before top-gamma selection); entries
+        that are not neurons (padded steps, :func:`rollnet.neuron_mask`) are 0."""
+        return self._collect(model, x, update_running_stats=False, forward_args=additional_forward_args)[1]
 
     @overload
-    def forward(self, model: nn.Module, x: Tensor, return_output: Literal[True]) -> tuple[Tensor, Tensor]: ...
+    def forward(self, model: nn.Module, x: Tensor, *, additional_forward_args: Any = None) -> Tensor: ...
 
-    def forward(self, model: nn.Module, x: Tensor, return_output: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    @overload
+    def forward(
+        self, model: nn.Module, x: Tensor, return_output: Literal[False], *, additional_forward_args: Any = None
+    ) -> Tensor: ...
+
+    @overload
+    def forward(
+        self, model: nn.Module, x: Tensor, return_output: Literal[True], *, additional_forward_args: Any = None
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def forward(
+        self, model: nn.Module, x: Tensor, return_output: bool = False, *, additional_forward_args: Any = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """The term for a batch ``x`` ``[B, *input_shape]``: a scalar, mean over the batch.
+
+        ``additional_forward_args``: further arguments of the model, ``model(x, *args)``
+        (Captum's convention: one value or a tuple, never perturbed), such as sequence
+        ``lengths`` ``[B]``.  Padded steps that the model marks with
+        :func:`rollnet.neuron_mask` are not neurons: each example's term is taken over
+        its own neurons only, so padding changes nothing.
 
         With ``return_output=True``, also returns the model's output from the
         same pass, ``(term, logits)``, so the training loss needs no second
@@ -179,13 +201,36 @@ class ROLLLoss(nn.Module):
         pass then counts as the training forward: BatchNorm updates its
         running statistics in it.
         """
-        output, terms = self._collect(model, x, update_running_stats=return_output, per_example_mean=True)
-        term = self._reduce(terms)
+        output, terms, valid = self._collect(
+            model, x, update_running_stats=return_output, per_example_mean=True, forward_args=additional_forward_args
+        )
+        term = self._reduce(terms) if valid is None else self._reduce_valid(terms, valid)
         return (term, output) if return_output else term
 
-    def _reduce(self, terms: Tensor) -> Tensor:
+    def _reduce_valid(self, terms: Tensor, valid: Tensor) -> Tensor:
+        """:meth:`_reduce` over each example's own neurons (``valid`` ``[B, N]``), as if each
+        example were run alone: its mean, its largest term or the mean of its top gamma
+        percent (an example without neurons counts 0)."""
+        if terms.shape[0] == 0:
+            return terms.sum() * 0.0
+        count = valid.sum(dim=1)
+        if self.gamma == "max":
+            per_example = torch.where(valid, terms, -math.inf).amax(dim=1)
+            per_example = torch.where(count > 0, per_example, 0.0)
+        elif float(self.gamma) == 100:
+            per_example = terms.sum(dim=1) / count.clamp(min=1)
+        else:
+            keep = torch.ceil(count.to(torch.float64) * (float(self.gamma) / 100.0)).clamp(min=1).to(torch.int64)
+            ranked = torch.where(valid, terms, -math.inf).sort(dim=1, descending=True).values
+            within = torch.arange(terms.shape[1], device=terms.device) < torch.minimum(keep, count).unsqueeze(1)
+            per_example = torch.where(within, ranked, 0.0).sum(dim=1) / keep
+        return self.lam * per_example.mean()
+
+    def _reduce(self, terms: Tensor, valid: Tensor | None = None) -> Tensor:
         """lambda times the batch mean of the per-example reduction of ``terms`` ``[B, N]``, or of
         ``[B]`` per-example means already taken (the fused chain pass, gamma = 100 only)."""
+        if valid is not None:
+            return self._reduce_valid(terms, valid)
         if terms.dim() == 1:
             return self.lam * terms.mean()
         n = terms.shape[1]

@@ -8,12 +8,13 @@
 - :mod:`~rollnet.engine.rules.affine`: additions, products with constants, Linear, Conv,
   BatchNorm, average pools, Dropout;
 - :mod:`~rollnet.engine.rules.activations`: piecewise-linear activations (each input a neuron);
-- :mod:`~rollnet.engine.rules.max_units`: MaxPool, adaptive MaxPool, maxout.
+- :mod:`~rollnet.engine.rules.max_units`: MaxPool, adaptive MaxPool, maxout;
+- :mod:`~rollnet.engine.rules.padding`: :func:`~rollnet.engine.padding.neuron_mask` (padded steps).
 
 Adding an operation is one :func:`register` call in its family's module, with a batch role.
 """
 
-from rollnet.engine.rules import activations, affine, max_units, structural
+from rollnet.engine.rules import activations, affine, max_units, padding, structural
 from rollnet.engine.rules.batch import BatchRole
 from rollnet.engine.rules.registry import RULES, Dispatch, Rule, RuleEntry, dispatch, register
 
@@ -27,6 +28,7 @@ __all__ = [
     "affine",
     "dispatch",
     "max_units",
+    "padding",
     "register",
     "structural",
 ]

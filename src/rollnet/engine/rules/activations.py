@@ -198,17 +198,19 @@ def _kinked(
     on = [v.detach() > 0 for v in values]
     like = t if isinstance(t, Tensor) else z
     s = slope([o.reshape(shape) for o in on], like)
+    marked = trace.validity(x)  # elements that are neurons (padded steps are not), see neuron_mask
+    valid = None if marked is None else torch.broadcast_to(marked, shape).reshape(b, n)
     if isinstance(t, GramTangent):
         if x.dim() != 2 or shape != x.shape:
             raise GramUnsupported("activation on a tensor with more than one feature dimension")
         squared = t.diagonal().expand(b, n)
         for (group, _), v, o in zip(kinks, values, on, strict=True):
-            trace.emit(group, v, None, o, squared_norms=squared)
+            trace.emit(group, v, None, o, squared_norms=squared, valid=valid)
         trace.track(result, t.scaled(s.expand(shape)))
         return result
     tangents = None if t is None else _flat(_raw(t, shape, t.dtype), b, n)
     for (group, _), v, o in zip(kinks, values, on, strict=True):
-        trace.emit(group, v, tangents, o)
+        trace.emit(group, v, tangents, o, valid=valid)
     if t is None:
         trace.track(result, None)
         return result
@@ -467,6 +469,8 @@ def compare(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwarg
     a = args[0] if args else kwargs["input"]
     b = args[1] if len(args) > 1 else kwargs["other"]
     carried = [v for v in (a, b) if _carries(trace, v)]
+    if any(trace.validity(v) is not None for v in carried):
+        raise trace.refuse(name, "neuron_mask marks the input of an elementwise activation, not of a comparison")
     result = func(*args, **kwargs)
     if not carried:
         return _mask_result(trace, result)

@@ -239,6 +239,8 @@ def _max_unit(
 def _checked_input(trace: Trace, op: str, x: Any, spatial: int | None) -> Tensor:
     if not isinstance(x, Tensor) or not trace.is_tracked(x):
         raise trace.refuse(op, "only the input of a max unit may depend on the model's input")
+    if trace.validity(x) is not None:
+        raise trace.refuse(op, "neuron_mask marks the input of an elementwise activation, not of a max unit")
     if not x.is_floating_point():
         raise trace.refuse(op, "input-dependent tensors must be floating point")
     b = trace.batch_size
