@@ -39,7 +39,7 @@ def neuron_mask(z: Tensor, valid: Tensor) -> Tensor:
         True
     """
     if has_torch_function((z, valid)):
-        return handle_torch_function(neuron_mask, (z, valid), z, valid)  # type: ignore[no-any-return]
+        return handle_torch_function(neuron_mask, (z, valid), z, valid)
     if not isinstance(z, Tensor) or not isinstance(valid, Tensor):
         raise TypeError("neuron_mask(z, valid) takes two tensors")
     if valid.dtype != torch.bool:
