@@ -106,14 +106,14 @@ class Chain:
     flatten: bool
 
 
-def _hooked(m: nn.Module) -> bool:
+def hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
 def _called_plainly(m: nn.Module) -> bool:
     """``m(x)`` is ``type(m).forward(m, x)``: no hooks, no ``forward`` set on the instance, and
     nn.Module's own ``__call__`` (torch's exact types below have it)."""
-    if _hooked(m) or "forward" in m.__dict__:
+    if hooked(m) or "forward" in m.__dict__:
         return False
     cls = type(m)
     return cls in _TORCH_TYPES or (cls.__call__ is nn.Module.__call__ and cls._call_impl is nn.Module._call_impl)
@@ -124,7 +124,7 @@ _TORCH_LEAVES = frozenset({nn.Linear, nn.ReLU, nn.LeakyReLU, nn.Flatten, nn.Iden
 _TORCH_TYPES = _TORCH_LEAVES | {nn.Sequential}
 
 
-def _global_hooks() -> bool:
+def global_hooks() -> bool:
     names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
              "_global_backward_pre_hooks")
     return any(bool(getattr(_module_globals, name, None)) for name in names)
@@ -135,7 +135,7 @@ def _owner(cls: type, name: str) -> type | None:
     return next((c for c in cls.__mro__ if name in vars(c)), None)
 
 
-def _declaration(m: nn.Module, name: str) -> Callable[[], Any] | None:
+def declaration(m: nn.Module, name: str) -> Callable[[], Any] | None:
     """``m``'s declaration ``name`` (bound), honoured only when the class that defines it also
     defines the ``forward`` in use; ``None`` otherwise."""
     cls = type(m)
@@ -147,7 +147,7 @@ def _declaration(m: nn.Module, name: str) -> Callable[[], Any] | None:
 
 
 def _declared_chain(m: nn.Module) -> list[nn.Module] | None:
-    declare = _declaration(m, "plain_chain")
+    declare = declaration(m, "plain_chain")
     if declare is None:
         return None
     modules = declare()
@@ -160,7 +160,7 @@ def _declared_chain(m: nn.Module) -> list[nn.Module] | None:
 
 
 def _declared_normalization(m: nn.Module) -> tuple[Tensor, Tensor] | None:
-    declare = _declaration(m, "input_normalization")
+    declare = declaration(m, "input_normalization")
     if declare is None:
         return None
     constants = declare()
@@ -228,7 +228,7 @@ def find_chain(model: nn.Module) -> Chain | None:
     since the fused pass does not call the modules.
     """
     modules = _sequence(model)
-    if modules is None or _global_hooks():
+    if modules is None or global_hooks():
         return None
     linears: list[nn.Linear] = []
     slopes: list[float] = []
@@ -264,7 +264,7 @@ def find_chain(model: nn.Module) -> Chain | None:
     return Chain(tuple(linears), tuple(slopes), normalization, flatten)
 
 
-def _autocast_on(device_type: str) -> bool:
+def autocast_on(device_type: str) -> bool:
     try:
         return bool(torch.is_autocast_enabled(device_type))
     except TypeError:  # torch < 2.4: no device argument
@@ -289,7 +289,7 @@ def fusable(chain: Chain, x: Tensor, directions: Directions, memory_budget: int 
         return False
     if math.prod(x.shape[1:]) != chain.linears[0].in_features:
         return False
-    if x.requires_grad or x.shape[0] == 0 or _autocast_on(x.device.type):
+    if x.requires_grad or x.shape[0] == 0 or autocast_on(x.device.type):
         return False
     for layer in chain.linears:
         for p in (layer.weight, layer.bias):
