@@ -3,7 +3,12 @@
 ::
 
     rollnet train CONFIG [--set key=value ...] [--resume] [--out DIR]
-    rollnet evaluate CHECKPOINT [--split test] [--limit N] [--out DIR]
+    rollnet evaluate CHECKPOINT [CHECKPOINT ...] [--split test] [--limit N] [--out DIR]
+
+``evaluate`` prints one table for all the checkpoints given (one row per
+model).  For sequence models it also draws, for each model, one channel's
+per-time-step stability bounds of the test sequences at the P50 and P75 of
+the l2 margin (``stability-<split>.png``, the paper's figure 3).
 
 Exit status: 0 done, 1 error (bad config, missing data, damaged
 checkpoint), 3 training diverged, 130 interrupted by Ctrl-C (checkpoint saved).
@@ -15,6 +20,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rollnet.train.evaluation import RegionReport
 
 __all__ = ["main"]
 
@@ -35,11 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<name>)")
 
     e = sub.add_parser("evaluate", help="accuracy, linear regions and margin percentiles of a checkpoint")
-    e.add_argument("checkpoint", type=Path, help="best.json / last.json, or a run directory (uses best.json)")
+    e.add_argument("checkpoints", type=Path, nargs="+",
+                   help="best.json / last.json, or a run directory (uses best.json); several to compare")
     e.add_argument("--split", default="test", choices=["test", "val", "train"], help="split to evaluate (default test)")
     e.add_argument("--limit", type=int, default=None, help="only the first N examples of the split")
     e.add_argument("--out", type=Path, default=None,
-                   help="directory for evaluation-<split>.md and .json (default: the checkpoint's directory)")
+                   help="directory for evaluation-<split>.md and .json (default: the first checkpoint's directory)")
+    e.add_argument("--channel", type=int, default=0, help="sequence models: the channel drawn (default 0)")
     e.add_argument("--device", default="cpu", help="cpu or cuda")
     e.add_argument("--float32", action="store_true", help="certify in float32 (default: float64, exact)")
     e.add_argument("--batch-size", type=int, default=250, help="examples per pass")
@@ -65,16 +76,44 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be positive, got {args.limit}")
-    report = evaluate_checkpoint(args.checkpoint, split=args.split, limit=args.limit, batch_size=args.batch_size,
-                                 float64=not args.float32, device=args.device)
-    markdown = f"{describe([report])}\n\n{to_markdown([report])}\n"
+    reports = [
+        evaluate_checkpoint(path, split=args.split, limit=args.limit, batch_size=args.batch_size,
+                            float64=not args.float32, device=args.device)
+        for path in args.checkpoints
+    ]
+    markdown = f"{describe(reports)}\n\n{to_markdown(reports)}\n"
     print(markdown, end="")
-    out = args.out if args.out is not None else load_manifest(args.checkpoint).path.parent
+    out = args.out if args.out is not None else load_manifest(args.checkpoints[0]).path.parent
     stem = f"evaluation-{args.split}"
     atomic_write_text(out / f"{stem}.md", markdown)
-    atomic_write_text(out / f"{stem}.json", to_json([report], {"checkpoint": str(args.checkpoint)}))
+    extra = {"checkpoints": [str(p) for p in args.checkpoints]}
+    atomic_write_text(out / f"{stem}.json", to_json(reports, extra))
     print(f"wrote {out / (stem + '.md')} and {out / (stem + '.json')}", file=sys.stderr)
+    if all(r.sequence for r in reports):
+        figure = _stability_figure(args, reports, out / f"stability-{args.split}.png")
+        print(f"wrote {figure}", file=sys.stderr)
     return 0
+
+
+def _stability_figure(args: argparse.Namespace, reports: list[RegionReport], path: Path) -> Path:
+    """One channel's stability bounds of the sequences at the P50 and P75 of each model's l2 margin."""
+    from rollnet.plots import BoundsCurve, plot_stability_bounds
+    from rollnet.train.evaluation import at_percentile, load_run, sequence_bounds
+
+    panels: list[tuple[str, list[BoundsCurve]]] = [(f"P{q} of the l2 margin", []) for q in (50, 75)]
+    units = "raw"
+    for ckpt, report in zip(args.checkpoints, reports, strict=True):
+        run = load_run(ckpt, args.device)
+        part = getattr(run.data, args.split).head(args.limit)
+        units = report.model_units
+        if not 0 <= args.channel < part.x.shape[2]:
+            raise ValueError(f"--channel must lie in [0, {part.x.shape[2]}), got {args.channel}")
+        assert report.per_example is not None
+        for (_, curves), q in zip(panels, (50, 75), strict=True):
+            i = at_percentile(report.per_example["l2"], q)
+            lower, upper = sequence_bounds(run.model, part.x, part.lengths, i, channel=args.channel)
+            curves.append(BoundsCurve(f"{report.model} (sequence {i})", lower, upper))
+    return plot_stability_bounds(panels, path, channel=args.channel, units=f"{units} units")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,6 +3,10 @@
 Radii are certified on the model's own input and reported in every unit the
 data set has: for image data normalised as ``(pixel - mean) / std``, in
 normalised units and in [0, 1] pixel units (``radius * std``).
+
+Sequence data (``[M, T, C]`` with ``lengths``) get the paper's Table-2 layout:
+accuracy, l1 and l2 margin percentiles in units of 1e-6, and Spearman's rank
+correlation between the l1 and l2 margins.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rollnet.certify import count_regions
+from rollnet.certify import check_forward_args, count_regions
 from rollnet.engine.gradients import Request, collect, unit_directions
 from rollnet.engine.modes import eval_mode
 from rollnet.train.checkpoint import CheckpointError, load_manifest, load_tensors, load_weights_into
@@ -27,7 +31,20 @@ from rollnet.train.config import ConfigError, config_from_dict
 from rollnet.train.factory import DataInfo, make_data, make_model, resolve_device
 from rollnet.train.metrics import percentiles
 
-__all__ = ["NORMS", "RegionReport", "all_margins", "evaluate_checkpoint", "region_report", "to_json", "to_markdown"]
+__all__ = [
+    "NORMS",
+    "LoadedRun",
+    "RegionReport",
+    "all_margins",
+    "at_percentile",
+    "evaluate_checkpoint",
+    "load_run",
+    "region_report",
+    "sequence_bounds",
+    "spearman",
+    "to_json",
+    "to_markdown",
+]
 
 NORMS = {"l1": 1, "l2": 2, "linf": math.inf}
 SPLITS = ("train", "val", "test")
@@ -50,6 +67,9 @@ class RegionReport:
         margins: ``units -> norm ("l1", "l2", "linf") -> {"P25", "P50", "P75", "P100"}``.
         precision: dtype the radii were certified in.
         seconds: wall time of the evaluation.
+        spearman_l1_l2: Spearman's rank correlation between the examples' l1 and l2 margins.
+        sequence: whether the examples are sequences with lengths (Table-2 layout).
+        per_example: ``norm -> [M]`` margins in the model's units, example by example.
     """
 
     model: str
@@ -63,18 +83,50 @@ class RegionReport:
     margins: dict[str, dict[str, dict[str, float]]]
     precision: str
     seconds: float
+    spearman_l1_l2: float = math.nan
+    sequence: bool = False
+    per_example: dict[str, list[float]] | None = None
 
 
-def all_margins(model: nn.Module, x: Tensor, *, memory_budget: int | None = None) -> dict[str, Tensor]:
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman's rank correlation of two ``[M]`` samples (ties get their average rank).
+
+    >>> round(spearman(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([10.0, 20.0, 40.0, 30.0])), 6)
+    0.8
+    """
+    if a.numel() < 2:
+        return math.nan
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / denom if denom > 0 else math.nan
+
+
+def _ranks(v: Tensor) -> Tensor:
+    """Ranks 1..M in float64, ties sharing the mean of their ranks (infinities rank last)."""
+    v = v.detach().to(torch.float64).flatten().cpu()
+    order = v.argsort(stable=True)
+    ranks = torch.empty_like(v)
+    ranks[order] = torch.arange(1, v.numel() + 1, dtype=torch.float64)
+    _, inverse, counts = torch.unique(v, return_inverse=True, return_counts=True)
+    sums = torch.zeros(counts.shape[0], dtype=torch.float64).index_add_(0, inverse, ranks)
+    return (sums / counts)[inverse]
+
+
+def all_margins(
+    model: nn.Module, x: Tensor, *, additional_forward_args: Any = None, memory_budget: int | None = None
+) -> dict[str, Tensor]:
     """``{"l1", "l2", "linf"} -> [B]`` margins of ``x`` from one pass over the D input axes.
 
     Same values as :func:`rollnet.margin` for each p, for the cost of one
     call (the engine keeps the three dual norms of every neuron gradient).
+    ``additional_forward_args``: as in :func:`rollnet.margin` (sequence lengths).
     """
     duals = {"l1": math.inf, "l2": 2.0, "linf": 1.0}  # dual norm q of each p
+    args = check_forward_args(additional_forward_args, x)
     with torch.no_grad(), eval_mode(model):
         got = collect(model, x, unit_directions(x.shape[1:]), Request(norms=tuple(duals.values())),
-                      memory_budget=memory_budget)
+                      memory_budget=memory_budget, forward_args=args)
     out = {}
     for name, q in duals.items():
         norms = got.norms[q]
@@ -90,12 +142,14 @@ def all_margins(model: nn.Module, x: Tensor, *, memory_budget: int | None = None
 def region_report(
     model: nn.Module, x: Tensor, y: Tensor, info: DataInfo, *, label: str, split: str = "test",
     batch_size: int = 250, float64: bool = True, device: torch.device | str = "cpu",
+    lengths: Tensor | None = None,
 ) -> RegionReport:
     """Evaluate ``model`` on ``x`` ``[M, *input_shape]`` with labels ``y`` ``[M]``.
 
     The model runs in eval mode and its train/eval flags are restored.  With
     ``float64`` the radii are certified on a float64 copy of the model (exact
-    up to float64 rounding); otherwise in the model's own precision.
+    up to float64 rounding); otherwise in the model's own precision.  For
+    sequences, ``lengths`` ``[M]`` goes to the model as ``model(x, lengths)``.
 
     Example:
         >>> from rollnet.models import MLP
@@ -108,26 +162,37 @@ def region_report(
     started = time.perf_counter()
     n = x.shape[0]
     correct = 0
+
+    def args(i: int) -> tuple[Tensor, ...]:
+        return () if lengths is None else (lengths[i : i + batch_size].to(device),)
+
     with torch.no_grad(), eval_mode(model):
         for i in range(0, n, batch_size):
-            logits = model(x[i : i + batch_size].to(device))
+            logits = model(x[i : i + batch_size].to(device), *args(i))
             correct += int((logits.argmax(dim=1).cpu() == y[i : i + batch_size]).sum())
-    n_patterns, n_jacobians = count_regions(model, x.to(device), batch_size=batch_size)
+    n_patterns, n_jacobians = count_regions(
+        model, x.to(device), batch_size=batch_size,
+        additional_forward_args=None if lengths is None else (lengths.to(device),),
+    )
     certified = copy.deepcopy(model).to(torch.float64) if float64 else model
     dtype = torch.float64 if float64 else x.dtype
     radii: dict[str, list[Tensor]] = {name: [] for name in NORMS}
     for i in range(0, n, batch_size):
-        for name, r in all_margins(certified, x[i : i + batch_size].to(device=device, dtype=dtype)).items():
+        xb = x[i : i + batch_size].to(device=device, dtype=dtype)
+        for name, r in all_margins(certified, xb, additional_forward_args=args(i)).items():
             radii[name].append(r.cpu())
     scales = info.radius_scales()
+    merged = {name: torch.cat(parts) if parts else torch.zeros(0) for name, parts in radii.items()}
     table = {
-        units: {name: percentiles(torch.cat(parts) * scale) for name, parts in radii.items()}
+        units: {name: percentiles(values * scale) for name, values in merged.items()}
         for units, scale in scales.items()
     }
     return RegionReport(
         model=label, split=split, n=n, accuracy=correct / max(n, 1), n_patterns=n_patterns,
         n_jacobians=n_jacobians, model_units=info.model_units, scales=scales, margins=table,
         precision=str(dtype).replace("torch.", ""), seconds=time.perf_counter() - started,
+        spearman_l1_l2=spearman(merged["l1"], merged["l2"]), sequence=lengths is not None,
+        per_example={name: values.tolist() for name, values in merged.items()},
     )
 
 
@@ -162,6 +227,31 @@ def evaluate_checkpoint(
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    loaded = load_run(path, device)
+    part = getattr(loaded.data, split).head(limit)
+    name = label or loaded.config.name
+    return region_report(loaded.model, part.x, part.y, loaded.info, label=name, split=split,
+                         batch_size=batch_size, float64=float64, device=loaded.device,
+                         lengths=getattr(part, "lengths", None))
+
+
+@dataclass
+class LoadedRun:
+    """A checkpoint's model (eval-ready, on ``device``), its config, data and data description."""
+
+    model: nn.Module
+    config: Any
+    info: DataInfo
+    data: Any
+    device: torch.device
+
+
+def load_run(path: str | Path, device: str = "cpu") -> LoadedRun:
+    """Load a checkpoint's model and the data it was trained on (checked to be the same).
+
+    Raises:
+        CheckpointError: missing, damaged or mismatched checkpoint.
+    """
     checkpoint = load_manifest(path)
     try:
         cfg = config_from_dict(checkpoint.config)
@@ -177,10 +267,7 @@ def evaluate_checkpoint(
             f"{checkpoint.path} was trained on data {info.to_dict()}, but its config now loads "
             f"{DataInfo.of(data).to_dict()}"
         )
-    part = getattr(data, split).head(limit)
-    name = label or cfg.name
-    return region_report(model, part.x, part.y, info, label=name, split=split, batch_size=batch_size,
-                         float64=float64, device=dev)
+    return LoadedRun(model, cfg, info, data, dev)
 
 
 def _fmt(v: float) -> str:
@@ -197,6 +284,8 @@ def to_markdown(reports: Sequence[RegionReport]) -> str:
     | m | 50.00% | 2 | 2 | raw | 1 | 2 | 3 | 4 | 1 | 2 | 3 | 4 | 1 | 2 | 3 | 4 |
     """
     qs = ("P25", "P50", "P75", "P100")
+    if reports and all(r.sequence for r in reports):
+        return _sequence_table(reports)
     head = ["model", "accuracy", "patterns", "Jacobians", "units"]
     head += [f"{norm} {q}" for norm in NORMS for q in qs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -205,6 +294,28 @@ def to_markdown(reports: Sequence[RegionReport]) -> str:
             row = [r.model, f"{r.accuracy:.2%}", str(r.n_patterns), str(r.n_jacobians), units]
             row += [_fmt(table[norm][q]) for norm in NORMS for q in qs]
             lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _sequence_table(reports: Sequence[RegionReport]) -> str:
+    """The paper's Table-2 layout: accuracy, l1 and l2 margin percentiles in units of 1e-6 of the
+    model's input, and Spearman's rank correlation between the l1 and l2 margins.
+
+    >>> r = RegionReport("m", "test", 2, 0.5, 2, 2, "raw", {"raw": 1.0},
+    ...                  {"raw": {k: {"P25": 1e-6, "P50": 2e-6, "P75": 3e-6, "P100": 4e-6} for k in NORMS}},
+    ...                  "float64", 0.1, spearman_l1_l2=0.98, sequence=True)
+    >>> print(_sequence_table([r]).splitlines()[-1])
+    | m | 50.00% | 1 | 2 | 3 | 4 | 1 | 2 | 3 | 4 | 0.980 |
+    """
+    qs = ("P25", "P50", "P75", "P100")
+    head = ["model", "accuracy"] + [f"{norm} {q} (1e-6)" for norm in ("l1", "l2") for q in qs]
+    head.append("Spearman l1/l2")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in reports:
+        table = r.margins[r.model_units]
+        row = [r.model, f"{r.accuracy:.2%}"] + [_fmt(table[norm][q] * 1e6) for norm in ("l1", "l2") for q in qs]
+        row.append(f"{r.spearman_l1_l2:.3f}")
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -235,3 +346,33 @@ def to_json(reports: Sequence[RegionReport], extra: dict[str, Any] | None = None
     'm'
     """
     return json.dumps({"reports": [asdict(r) for r in reports], **(extra or {})}, indent=1, allow_nan=True) + "\n"
+
+
+def at_percentile(values: Sequence[float] | Tensor, q: float) -> int:
+    """Index of the example whose value is nearest the ``q``-th percentile (``P{q}`` of
+    :func:`rollnet.train.metrics.percentiles`), the lowest index among ties.
+
+    >>> at_percentile([5.0, 1.0, 3.0, 2.0, 4.0], 50)
+    2
+    """
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if v.numel() == 0:
+        raise ValueError("no examples to pick from")
+    target = percentiles(v, (int(q),))[f"P{int(q)}"]
+    gap = (v - target).abs()
+    gap = torch.where(torch.isnan(gap), math.inf, gap)
+    return int(gap.argmin())
+
+
+def sequence_bounds(
+    model: nn.Module, x: Tensor, lengths: Tensor, index: int, *, channel: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Stability bounds ``(lower, upper)`` ``[length]`` of one channel of sequence ``index``,
+    certified in float64 on the sequence alone (equal to its bounds in a padded batch)."""
+    from rollnet.certify import stability_bounds
+
+    n = int(lengths[index])
+    xi = x[index : index + 1, :n].to(torch.float64)
+    model64 = copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
+    lower, upper = stability_bounds(model64, xi.cpu(), additional_forward_args=(lengths[index : index + 1].cpu(),))
+    return lower[0, :, channel], upper[0, :, channel]
