@@ -122,6 +122,24 @@ def test_the_term_passes_gradcheck(fused: bool) -> None:
     assert torch.autograd.gradcheck(term, inputs, eps=1e-6, atol=1e-6)
 
 
+def test_batch_chunks_that_run_fewer_steps_give_the_unchunked_results() -> None:
+    """With a small memory budget the engine cuts the batch; a chunk of short sequences runs
+    fewer steps (fewer neuron groups) than the others, and must still match one pass."""
+    model, x, lengths = _batch(5)
+    order = lengths.argsort()  # short sequences first: the first chunks run the fewest steps
+    x, lengths = x[order], lengths[order]
+    tiny = 4096
+    whole = rollnet.LinearRegions(model, x, additional_forward_args=(lengths,))
+    cut = rollnet.LinearRegions(model, x, additional_forward_args=(lengths,), memory_budget=tiny)
+    for p in (1, 2, "inf"):
+        torch.testing.assert_close(cut.margin(p), whole.margin(p), rtol=1e-12, atol=0)
+    torch.testing.assert_close(cut.stability_bounds(), whole.stability_bounds(), rtol=1e-12, atol=0)
+    assert torch.equal(cut.valid, whole.valid) and cut.activation_pattern().keys() == whole.activation_pattern().keys()
+    roll, roll_cut = rollnet.ROLLLoss(1.0, 2.0, fused=False), rollnet.ROLLLoss(1.0, 2.0, fused=False, memory_budget=tiny)
+    torch.testing.assert_close(roll_cut(model, x, additional_forward_args=lengths),
+                               roll(model, x, additional_forward_args=lengths), rtol=1e-12, atol=1e-12)
+
+
 def test_a_subclass_with_its_own_forward_is_not_fused() -> None:
     class Other(Elman):
         def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:

@@ -570,8 +570,44 @@ def _collect_gram(
     return result
 
 
+def _pad_groups(chunks: list[_ChunkObserver]) -> None:
+    """Give every chunk the neuron groups of the longest one.
+
+    A model may run fewer steps on a chunk whose sequences are all short (``range(max(lengths))``):
+    its groups are then a prefix of a longer chunk's.  The groups it did not run are not neurons
+    of its examples: they are added as such (``valid`` False, zero values and gradients, a
+    constant pattern).  Chunks whose groups are not a prefix of the longest's are refused.
+    """
+    longest = max(chunks, key=lambda c: len(c.groups))
+    for c in chunks:
+        n = len(c.groups)
+        if n == len(longest.groups):
+            continue
+        if c.groups != longest.groups[:n]:
+            raise RuntimeError(
+                "the model ran different operations on different chunks of the batch, and not one a "
+                "prefix of the other (a forward that depends on the batch's composition)"
+            )
+        for i in range(n, len(longest.groups)):
+            size = longest.groups[i].size
+            like = longest.values[i]
+            c.groups.append(longest.groups[i])
+            c.values.append(like.new_zeros((c.batch_size, size)))
+            pattern = longest.patterns[i]
+            c.patterns.append(pattern.new_full((c.batch_size, size), False if pattern.dtype == torch.bool else -1))
+            c.valid.append(torch.zeros((c.batch_size, size), dtype=torch.bool, device=like.device))
+            for q, parts in c.norms.items():
+                parts.append(longest.norms[q][i].new_zeros((c.batch_size, size)))
+            if c.request.squared_l2:
+                c.sq.append(longest.sq[i].new_zeros((c.batch_size, size)))
+            if c.request.rows:
+                c.rows.append(longest.rows[i].new_zeros((c.batch_size, size, c.k_total)))
+
+
 def _assemble(chunks: list[_ChunkObserver], request: Request, x: Tensor) -> Collected:
     """Concatenate the batch chunks."""
+    if len({len(c.groups) for c in chunks}) > 1:
+        _pad_groups(chunks)
 
     def neurons(parts: list[Tensor], c: _ChunkObserver) -> Tensor:
         return torch.cat(parts, dim=1) if parts else x.new_zeros((c.batch_size, 0))
