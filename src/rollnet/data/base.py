@@ -54,38 +54,88 @@ class Normalization:
 IDENTITY = Normalization(0.0, 1.0)
 
 
-class Split(Dataset[tuple[Tensor, Tensor]]):
-    """One split: inputs ``x`` ``[M, *input_shape]`` float32 and labels ``y`` ``[M]`` int64.
+class Split(Dataset[tuple[Tensor, ...]]):
+    """One split: inputs ``x`` ``[M, *input_shape]`` float32, labels ``y`` ``[M]`` int64.
 
-    A map-style :class:`torch.utils.data.Dataset` (``split[i] == (x[i], y[i])``).
+    A map-style :class:`torch.utils.data.Dataset`: ``split[i] == (x[i], y[i])``,
+    or ``(x[i], y[i], lengths[i])`` for sequences with ``lengths``, so a
+    :class:`torch.utils.data.DataLoader` yields ``(x, y)`` or ``(x, y, lengths)``
+    batches.
+
+    Args:
+        x: ``[M, *input_shape]`` inputs.
+        y: ``[M]`` int64 labels.
+        lengths: optional ``[M]`` int64 valid lengths of zero-padded sequences
+            ``x`` ``[M, T, ...]`` (time on dimension 1), each in ``1 .. T``.
+
+    Raises:
+        ValueError: mismatched sizes, wrong dtypes, or lengths outside ``1 .. T``.
 
     >>> s = Split(torch.zeros(3, 2), torch.tensor([0, 1, 0]))
     >>> len(s), s[1][1].item()
     (3, 1)
+    >>> q = Split(torch.zeros(2, 4, 3), torch.tensor([0, 1]), lengths=torch.tensor([4, 2]))
+    >>> [t.tolist() for t in q[1][1:]]
+    [1, 2]
     """
 
-    def __init__(self, x: Tensor, y: Tensor) -> None:
+    def __init__(self, x: Tensor, y: Tensor, *, lengths: Tensor | None = None) -> None:
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
         if y.dtype != torch.int64 or y.dim() != 1:
             raise ValueError(f"y must be a 1-D int64 tensor, got {y.dtype} of shape {tuple(y.shape)}")
+        if lengths is not None:
+            if lengths.dtype != torch.int64 or lengths.dim() != 1:
+                raise ValueError(
+                    f"lengths must be a 1-D int64 tensor, got {lengths.dtype} of shape "
+                    f"{tuple(lengths.shape)}"
+                )
+            if lengths.shape[0] != x.shape[0]:
+                raise ValueError(f"x has {x.shape[0]} examples but lengths has {lengths.shape[0]}")
+            if x.dim() < 2:
+                raise ValueError(
+                    f"lengths need sequences x [M, T, ...] (time on dimension 1), got x of shape "
+                    f"{tuple(x.shape)}"
+                )
+            steps = int(x.shape[1])
+            if lengths.numel() and not (int(lengths.min()) >= 1 and int(lengths.max()) <= steps):
+                raise ValueError(
+                    f"lengths must lie in 1 .. {steps} (x.shape[1]), got "
+                    f"{int(lengths.min())} .. {int(lengths.max())}"
+                )
         self.x = x
         self.y = y
+        self.lengths = lengths
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        return self.x[i], self.y[i]
+    def __getitem__(self, i: int) -> tuple[Tensor, ...]:
+        if self.lengths is None:
+            return self.x[i], self.y[i]
+        return self.x[i], self.y[i], self.lengths[i]
+
+    def select(self, index: Tensor) -> Split:
+        """The examples at ``index`` (an int64 index tensor, e.g. a part of
+        :func:`stratified_split`), with their ``lengths`` when the split has them.
+
+        >>> s = Split(torch.zeros(3, 4, 1), torch.tensor([0, 1, 2]), lengths=torch.tensor([1, 2, 3]))
+        >>> s.select(torch.tensor([2, 0])).lengths
+        tensor([3, 1])
+        """
+        lengths = None if self.lengths is None else self.lengths[index]
+        return Split(self.x[index], self.y[index], lengths=lengths)
 
     def head(self, n: int | None) -> Split:
         """The first ``n`` examples (all when ``n`` is ``None`` or larger than the split)."""
         if n is None or n >= len(self):
             return self
-        return Split(self.x[:n], self.y[:n])
+        lengths = None if self.lengths is None else self.lengths[:n]
+        return Split(self.x[:n], self.y[:n], lengths=lengths)
 
     def __repr__(self) -> str:
-        return f"Split(n={len(self)}, x={tuple(self.x.shape[1:])})"
+        extra = "" if self.lengths is None else ", lengths"
+        return f"Split(n={len(self)}, x={tuple(self.x.shape[1:])}{extra})"
 
 
 @dataclass(frozen=True)
@@ -168,7 +218,8 @@ def stratified_split(labels: Tensor, sizes: Sequence[int | None], seed: int) -> 
 
     Returns:
         One sorted int64 index tensor per part.  The same arguments always
-        give the same parts.
+        give the same parts.  :meth:`Split.select` takes a part of a split
+        together with its ``lengths``, if any.
 
     >>> parts = stratified_split(torch.tensor([0, 0, 1, 1, 0, 1]), [2, None], seed=0)
     >>> [len(p) for p in parts]
