@@ -19,3 +19,16 @@ def tiny_config(*overrides: str) -> TrainConfig:
 
 def quiet(message: str) -> None:
     """A log function that drops everything."""
+
+
+def tiny_vowels_config(*overrides: str) -> TrainConfig:
+    """Japanese Vowels (216 padded sequences: 7 steps of 32), a scoRNN of 8 units, AMSGrad on
+    the rest and RMSprop on its A, and the exact ROLL term through the lengths."""
+    base = [
+        "name=tiny_vowels", "data.name=japanese_vowels", "data.normalize=false",
+        "model.arch=scornn", "model.hidden_size=8", "model.act=leaky_relu", "model.num_negative=2",
+        "epochs=2", "batch_size=32", "progress=false", "val_margin_samples=8",
+        "optim.name=amsgrad", "optim.lr=0.01", "recurrent_optim.name=rmsprop", "recurrent_optim.lr=0.001",
+        "roll.lam=0.5", "roll.C=1",
+    ]
+    return apply_overrides(TrainConfig(), [*base, *overrides])

@@ -108,3 +108,29 @@ def test_shipped_configs_hold_the_paper_settings():
     assert toy.model.hidden == [100] * 4 and toy.data.name == "moons"
     fashion = load_config(folder / "fashion_resnet_roll_approx.json")
     assert fashion.model.arch == "resnet" and fashion.roll.approx and fashion.roll.estimator == "axes"
+
+
+def test_shipped_vowels_configs_hold_the_paper_settings():
+    folder = CONFIGS[0].parent
+    for name, (lam, c) in {"vowels_vanilla": (0.0, 0.0), "vowels_roll": (2.0**-5, 2.0**4)}.items():
+        cfg = load_config(folder / f"{name}.json")
+        assert cfg.data.name == "japanese_vowels" and cfg.data.normalize is False
+        m = cfg.model
+        assert (m.arch, m.hidden_size, m.act, m.negative_slope, m.num_negative) == ("scornn", 512, "leaky_relu", 0.01, None)
+        assert (cfg.optim.name, cfg.optim.lr, cfg.batch_size, cfg.epochs) == ("amsgrad", 1e-3, 32, 100)
+        assert (cfg.recurrent_optim.name, cfg.recurrent_optim.lr) == ("rmsprop", 1e-4)
+        assert (cfg.roll.lam, cfg.roll.C, cfg.roll.gamma, cfg.roll.approx) == (lam, c, 100.0, None)
+
+
+def test_recurrent_settings_are_checked():
+    assert TrainConfig().recurrent_optim.name is None
+    cfg = apply_overrides(TrainConfig(), ["model.arch=elman", "recurrent_optim.name=rmsprop", "recurrent_optim.lr=0.001"])
+    assert (cfg.model.arch, cfg.recurrent_optim.name, cfg.recurrent_optim.lr) == ("elman", "rmsprop", 0.001)
+    with pytest.raises(ConfigError, match=r"recurrent_optim\.name must be one of"):
+        apply_overrides(TrainConfig(), ["recurrent_optim.name=lbfgs"])
+    with pytest.raises(ConfigError, match=r"model\.arch must be one of"):
+        apply_overrides(TrainConfig(), ["model.arch=lstm"])
+    with pytest.raises(ConfigError, match=r"recurrent_optim\.lr must be non-negative"):
+        apply_overrides(TrainConfig(), ["recurrent_optim.lr=-1"])
+    with pytest.raises(ConfigError, match=r"model\.hidden_size must be at least 1"):
+        apply_overrides(TrainConfig(), ["model.hidden_size=0"])

@@ -9,9 +9,13 @@ import signal
 import pytest
 import torch
 
+from rollnet.data import Split
+from rollnet.models import ScoRNN
 from rollnet.train import CheckpointError, ConfigError, load_manifest, train
 from rollnet.train.checkpoint import load_tensors
-from tests.train.helpers import quiet, tiny_config
+from rollnet.train.factory import make_optimizers
+from rollnet.train.metrics import classify, margins
+from tests.train.helpers import quiet, tiny_config, tiny_vowels_config
 
 
 def _weights(run_dir, kind="last"):
@@ -167,3 +171,98 @@ def test_cuda_request_without_cuda_is_a_clear_error(tmp_path):
 def test_data_path_is_only_for_fashion_mnist(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.path is only used by fashion_mnist"):
         train(tiny_config("data.path=/tmp"), tmp_path, log=quiet)
+
+
+# -- sequences, and the recurrent parameters' own optimiser ----------------------------------------
+
+
+@pytest.mark.parametrize("stop_at", [5, 7])  # mid-epoch, at the epoch boundary (7 steps/epoch)
+def test_resume_of_a_scornn_with_its_recurrent_optimizer_is_exact(tmp_path, stop_at):
+    cfg = tiny_vowels_config()
+    straight = train(cfg, tmp_path / "straight", log=quiet)
+    assert straight.status == "finished" and straight.state.step == 14
+    first = train(cfg, tmp_path / "resumed", on_step=_interrupt_at(stop_at), log=quiet)
+    assert first.status == "interrupted" and first.state.step == stop_at
+    manifest = load_manifest(tmp_path / "resumed" / "last.json").manifest
+    assert manifest["trainer"]["recurrent_optimizer"]["param_groups"][0]["lr"] == 0.001
+    second = train(cfg, tmp_path / "resumed", resume=True, log=quiet)
+    assert second.status == "finished" and second.state.step == 14
+    _assert_same_weights(_weights(tmp_path / "straight"), _weights(tmp_path / "resumed"))
+    assert _strip_times(second.state.history) == _strip_times(straight.state.history)
+
+
+def test_resume_needs_the_recurrent_optimizer_state(tmp_path):
+    """Resuming restores both optimisers: without the second one's tensors the checkpoint is incomplete."""
+    cfg = tiny_vowels_config("epochs=1")
+    train(cfg, tmp_path, on_step=_interrupt_at(3), log=quiet)
+    last = tmp_path / "last.json"
+    manifest = json.loads(last.read_text())
+    del manifest["trainer"]["recurrent_optimizer"]
+    last.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="incomplete trainer state"):
+        train(cfg, tmp_path, resume=True, log=quiet)
+
+
+def test_the_recurrent_optimizer_holds_only_a_with_its_own_lr():
+    torch.manual_seed(0)
+    model = ScoRNN(12, 8, 9)
+    main, recurrent = make_optimizers(tiny_vowels_config(), model)
+    assert recurrent is not None and type(recurrent).__name__ == "RMSprop"
+    assert [p for g in recurrent.param_groups for p in g["params"]] == [model.skew]
+    assert [g["lr"] for g in recurrent.param_groups] == [0.001]
+    main_params = [p for g in main.param_groups for p in g["params"]]
+    assert all(p is not model.skew for p in main_params) and len(main_params) == 4
+    assert main.defaults["amsgrad"] is True and main.defaults["lr"] == 0.01
+    main_only, none = make_optimizers(tiny_vowels_config("recurrent_optim.name=null"), model)
+    assert none is None and len(main_only.param_groups[0]["params"]) == 5
+
+
+def test_the_recurrent_lr_moves_a_and_only_a(tmp_path):
+    """With recurrent_optim.lr = 0, A stays at its initial value while the rest trains."""
+    start = {}
+
+    def keep_start(step, model):
+        if step == 1:
+            start.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    frozen = train(tiny_vowels_config("epochs=1", "recurrent_optim.lr=0", "roll.lam=0"), tmp_path / "a",
+                   on_step=keep_start, log=quiet)
+    assert frozen.status == "finished"
+    end = _weights(tmp_path / "a")
+    assert torch.equal(end["skew"], start["skew"])
+    assert not torch.equal(end["input.weight"], start["input.weight"])
+    start.clear()
+    train(tiny_vowels_config("epochs=1", "roll.lam=0"), tmp_path / "b", on_step=keep_start, log=quiet)
+    assert not torch.equal(_weights(tmp_path / "b")["skew"], start["skew"])
+
+
+def test_a_recurrent_optimizer_for_a_model_without_recurrent_parameters_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="has no recurrent parameters"):
+        train(tiny_config("recurrent_optim.name=rmsprop"), tmp_path, log=quiet)
+    with pytest.raises(ConfigError, match="has no recurrent parameters"):
+        train(tiny_vowels_config("model.arch=elman"), tmp_path / "elman", log=quiet)
+
+
+def test_sequence_runs_train_with_the_roll_term_and_log_margins(tmp_path):
+    result = train(tiny_vowels_config("epochs=1"), tmp_path, log=quiet)
+    (record,) = result.state.history
+    assert record["train_reg"] > 0 and math.isfinite(record["val_acc"])
+    assert set(record["val_margin_l2"]) == {"raw"} and record["val_margin_samples"] == 8
+    assert record["val_margin_l2"]["raw"]["P50"] > 0
+
+
+def test_validation_metrics_pass_the_lengths():
+    """classify and margins run model(x, lengths): padded sequences score as each alone."""
+    torch.manual_seed(0)
+    model = ScoRNN(3, 6, 4, num_negative=1).double()
+    x = torch.randn(5, 7, 3, dtype=torch.float64)
+    lengths = torch.tensor([7, 2, 5, 1, 6])
+    y = torch.tensor([0, 1, 2, 3, 0])
+    loss, acc = classify(model, Split(x, y, lengths=lengths), batch_size=2)
+    with torch.no_grad():
+        alone = torch.cat([model(x[i : i + 1, :n]) for i, n in enumerate(lengths.tolist())])
+    assert math.isclose(loss, float(torch.nn.functional.cross_entropy(alone, y)), rel_tol=1e-12)
+    assert acc == float((alone.argmax(1) == y).double().mean())
+    radii = margins(model, x, p=2, batch_size=2, lengths=lengths)
+    for i, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(radii[i : i + 1], margins(model, x[i : i + 1, :n], p=2), rtol=1e-10, atol=0)

@@ -1,7 +1,7 @@
 """Experiment configuration: dataclasses, JSON / TOML files, ``key=value`` overrides.
 
-A configuration is a :class:`TrainConfig` with four sections (``data``,
-``model``, ``optim``, ``roll``).  Keys are addressed with dots
+A configuration is a :class:`TrainConfig` with five sections (``data``,
+``model``, ``optim``, ``recurrent_optim``, ``roll``).  Keys are addressed with dots
 (``optim.lr``, ``roll.lam``, ``epochs``); an unknown key is an error that
 lists the valid ones.
 
@@ -27,6 +27,7 @@ __all__ = [
     "DataConfig",
     "ModelConfig",
     "OptimConfig",
+    "RecurrentOptimConfig",
     "RollConfig",
     "TrainConfig",
     "apply_overrides",
@@ -47,7 +48,8 @@ class DataConfig:
     """Which data set, and how (see :func:`rollnet.data.load_dataset`).
 
     Attributes:
-        name: ``mnist_subset``, ``fashion_mnist``, ``digits``, ``moons``, ``spirals``, ``rings``.
+        name: ``mnist_subset``, ``fashion_mnist``, ``digits``, ``japanese_vowels``,
+            ``moons``, ``spirals``, ``rings``.
         path: directory of the Fashion-MNIST files (default: ``$ROLLNET_FASHION_MNIST``,
             then Debian's location).
         normalize: feed normalised inputs (``True``) or [0, 1] pixel units (``False``).
@@ -72,12 +74,19 @@ class ModelConfig:
     """The network (see :func:`rollnet.models.build_model`).
 
     Attributes:
-        arch: ``mlp`` or ``resnet``.
+        arch: ``mlp``, ``resnet``, ``elman`` (:class:`rollnet.models.ElmanRNN`) or
+            ``scornn`` (:class:`rollnet.models.ScoRNN`); the recurrent nets take
+            sequences ``[T, C]`` (``japanese_vowels``).
         hidden: MLP hidden widths (the paper's MNIST network: 4 x 300).
-        act: MLP activation, ``relu`` or ``leaky_relu``.
+        act: activation of the MLP, the Elman RNN and the scoRNN, ``relu`` or
+            ``leaky_relu`` (a scoRNN with ``relu`` gets slope 0).
+        negative_slope: LeakyReLU's slope for negative inputs.
         dropout: MLP dropout after each activation.
         width: ResNet channels of the first stage.
         blocks: ResNet basic blocks per stage (ResNet-18: [2, 2, 2, 2]).
+        hidden_size: hidden units of a recurrent net.
+        num_negative: scoRNN: number of -1 entries of its scaling D (default
+            ``hidden_size // 10``, see :class:`rollnet.models.ScoRNN`).
         normalize_inside: put the data set's normalisation inside the model
             as its first layer (needs ``data.normalize = false``): the model
             then takes pixel units.
@@ -86,9 +95,12 @@ class ModelConfig:
     arch: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [300, 300, 300, 300])
     act: str = "relu"
+    negative_slope: float = 0.01
     dropout: float = 0.0
     width: int = 16
     blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    hidden_size: int = 512
+    num_negative: int | None = None
     normalize_inside: bool = False
 
 
@@ -101,6 +113,21 @@ class OptimConfig:
     momentum: float = 0.5
     nesterov: bool = True
     weight_decay: float = 0.0
+
+
+@dataclass
+class RecurrentOptimConfig:
+    """A second optimiser for the model's recurrent parameters (``recurrent_parameters()``:
+    a scoRNN's skew-symmetric A), as the scoRNN reference trains them (RMSprop, lr 1e-4).
+
+    Attributes:
+        name: ``null`` (default: every parameter is the main optimiser's), or
+            ``rmsprop``, ``sgd``, ``adam``, ``amsgrad`` (PyTorch's defaults otherwise).
+        lr: its learning rate.
+    """
+
+    name: str | None = None
+    lr: float = 1e-4
 
 
 @dataclass
@@ -156,6 +183,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    recurrent_optim: RecurrentOptimConfig = field(default_factory=RecurrentOptimConfig)
     roll: RollConfig = field(default_factory=RollConfig)
 
     def __post_init__(self) -> None:
@@ -165,10 +193,11 @@ class TrainConfig:
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "device": (),
     "select_on": ("val_acc", "val_loss"),
-    "data.name": ("mnist_subset", "fashion_mnist", "digits", "moons", "spirals", "rings"),
-    "model.arch": ("mlp", "resnet"),
+    "data.name": ("mnist_subset", "fashion_mnist", "digits", "japanese_vowels", "moons", "spirals", "rings"),
+    "model.arch": ("mlp", "resnet", "elman", "scornn"),
     "model.act": ("relu", "leaky_relu"),
     "optim.name": ("sgd", "adam", "amsgrad"),
+    "recurrent_optim.name": (None, "rmsprop", "sgd", "adam", "amsgrad"),
     "roll.estimator": ("axes", "gaussian"),
 }
 
@@ -183,11 +212,12 @@ def _check_choices(cfg: TrainConfig) -> None:
     gamma = flat["roll.gamma"]
     if isinstance(gamma, str) and gamma != "max":
         raise ConfigError(f"roll.gamma must be a percentage in (0, 100] or 'max', got {gamma!r}")
-    positive = ("epochs", "batch_size", "eval_batch_size")
+    positive = ("epochs", "batch_size", "eval_batch_size", "model.hidden_size")
     for key in positive:
         if flat[key] < 1:
             raise ConfigError(f"{key} must be at least 1, got {flat[key]}")
-    for key in ("val_margin_samples", "checkpoint_every", "optim.lr", "roll.lam", "roll.C"):
+    for key in ("val_margin_samples", "checkpoint_every", "optim.lr", "recurrent_optim.lr", "roll.lam", "roll.C",
+                "model.negative_slope"):
         if flat[key] < 0:
             raise ConfigError(f"{key} must be non-negative, got {flat[key]}")
     if cfg.model.normalize_inside and cfg.data.normalize:

@@ -13,7 +13,16 @@ from rollnet.models import build_model
 from rollnet.regularizer import ROLLLoss
 from rollnet.train.config import ConfigError, TrainConfig
 
-__all__ = ["DataInfo", "make_data", "make_model", "make_optimizer", "make_regularizer", "resolve_device"]
+__all__ = [
+    "DataInfo",
+    "make_data",
+    "make_model",
+    "make_optimizer",
+    "make_optimizers",
+    "make_regularizer",
+    "recurrent_parameters",
+    "resolve_device",
+]
 
 _IMAGE_SETS = ("mnist_subset", "fashion_mnist")
 
@@ -105,29 +114,98 @@ def make_data(cfg: TrainConfig) -> DataSplits:
 
 
 def make_model(cfg: TrainConfig, info: DataInfo) -> nn.Module:
-    """The configured network for inputs of ``info.input_shape`` (in the current RNG state)."""
+    """The configured network for inputs of ``info.input_shape`` (in the current RNG state).
+
+    Raises:
+        ConfigError: options the architecture refuses (the message names them).
+    """
     m = cfg.model
     inside: tuple[float, float] | None = None
     if m.normalize_inside:
         if info.normalization is None:
             raise ConfigError(f"model.normalize_inside: data set {info.name!r} has no pixel normalisation")
+        if m.arch in ("elman", "scornn"):
+            raise ConfigError(f"model.normalize_inside is not supported by model.arch={m.arch!r}")
         inside = info.normalization
-    if m.arch == "mlp":
-        return build_model("mlp", info.input_shape, info.num_classes, hidden=m.hidden, act=m.act,
-                           dropout=m.dropout, normalization=inside)
-    return build_model("resnet", info.input_shape, info.num_classes, width=m.width, blocks=m.blocks,
-                       normalization=inside)
+    try:
+        if m.arch == "mlp":
+            return build_model("mlp", info.input_shape, info.num_classes, hidden=m.hidden, act=m.act,
+                               negative_slope=m.negative_slope, dropout=m.dropout, normalization=inside)
+        if m.arch == "elman":
+            return build_model("elman", info.input_shape, info.num_classes, hidden_size=m.hidden_size,
+                               nonlinearity=m.act, negative_slope=m.negative_slope)
+        if m.arch == "scornn":
+            slope = m.negative_slope if m.act == "leaky_relu" else 0.0
+            return build_model("scornn", info.input_shape, info.num_classes, hidden_size=m.hidden_size,
+                               negative_slope=slope, num_negative=m.num_negative)
+        return build_model("resnet", info.input_shape, info.num_classes, width=m.width, blocks=m.blocks,
+                           normalization=inside)
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from err
+
+
+def recurrent_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters ``model.recurrent_parameters()`` returns (a scoRNN's A), or ``[]`` for a
+    model without that method.
+
+    >>> from rollnet.models import MLP, ScoRNN
+    >>> [p.shape for p in recurrent_parameters(ScoRNN(2, 4, 2))], recurrent_parameters(MLP((2,), 2))
+    ([torch.Size([6])], [])
+    """
+    method = getattr(model, "recurrent_parameters", None)
+    if method is None:
+        return []
+    params = list(method())
+    if not all(isinstance(p, nn.Parameter) for p in params):
+        raise TypeError(f"{type(model).__name__}.recurrent_parameters() must return parameters")
+    return params
+
+
+def _optimizer(name: str, params: list[nn.Parameter], lr: float, *, momentum: float = 0.0,
+               nesterov: bool = False, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
+                               weight_decay=weight_decay)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, amsgrad=name == "amsgrad")
+
+
+def make_optimizers(cfg: TrainConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+    """``(main, recurrent)``: with ``recurrent_optim.name`` set, the model's recurrent parameters
+    (:func:`recurrent_parameters`) get their own optimiser and the main one (``optim``) takes
+    the rest; otherwise the main one takes all and the second is ``None``.
+
+    Raises:
+        ConfigError: a recurrent optimiser for a model without recurrent parameters.
+
+    >>> from rollnet.train.config import apply_overrides
+    >>> from rollnet.models import ScoRNN
+    >>> cfg = apply_overrides(TrainConfig(), ["optim.name=amsgrad", "recurrent_optim.name=rmsprop"])
+    >>> main, rec = make_optimizers(cfg, ScoRNN(2, 4, 2))
+    >>> type(rec).__name__, rec.param_groups[0]["lr"], len(main.param_groups[0]["params"])
+    ('RMSprop', 0.0001, 4)
+    """
+    o, r = cfg.optim, cfg.recurrent_optim
+    if r.name is None:
+        return _optimizer(o.name, list(model.parameters()), o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                          weight_decay=o.weight_decay), None
+    recurrent = recurrent_parameters(model)
+    if not recurrent:
+        raise ConfigError(f"recurrent_optim.name={r.name!r}, but {type(model).__name__} has no recurrent "
+                          "parameters (no recurrent_parameters() method, or it returns none); set it to null")
+    ids = {id(p) for p in recurrent}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    main = _optimizer(o.name, rest, o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+    return main, _optimizer(r.name, recurrent, r.lr)
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov), Adam or AMSGrad over all parameters."""
+    """SGD (momentum, Nesterov), Adam or AMSGrad over all parameters (``recurrent_optim`` not
+    used; see :func:`make_optimizers`)."""
     o = cfg.optim
-    if o.name == "sgd":
-        nesterov = o.nesterov and o.momentum > 0
-        return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=nesterov,
-                               weight_decay=o.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay,
-                            amsgrad=o.name == "amsgrad")
+    return _optimizer(o.name, list(model.parameters()), o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                      weight_decay=o.weight_decay)
 
 
 def make_regularizer(cfg: TrainConfig, generator: torch.Generator | None) -> ROLLLoss | None:

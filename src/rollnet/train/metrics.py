@@ -27,6 +27,8 @@ def classify(
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``split`` (eval mode, flags restored).
 
+    A split with ``lengths`` (sequences) is run as ``model(x, lengths)``.
+
     Returns:
         ``(loss, accuracy)``, accuracy in [0, 1]; ``(nan, nan)`` for an empty split.
 
@@ -43,7 +45,8 @@ def classify(
         for i in range(0, n, batch_size):
             x = split.x[i : i + batch_size].to(device)
             y = split.y[i : i + batch_size].to(device)
-            logits = model(x)
+            lengths = split.lengths
+            logits = model(x) if lengths is None else model(x, lengths[i : i + batch_size].to(device))
             total += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(dim=1) == y).sum())
     return total / n, correct / n
@@ -51,11 +54,12 @@ def classify(
 
 def margins(
     model: nn.Module, x: Tensor, p: float | str = 2, *, batch_size: int = 500,
-    device: torch.device | str = "cpu", memory_budget: int | None = None,
+    device: torch.device | str = "cpu", memory_budget: int | None = None, lengths: Tensor | None = None,
 ) -> Tensor:
     """``[M]`` lp margins of ``x`` ``[M, *input_shape]``, in the model's input units, on the CPU.
 
-    See :func:`rollnet.margin`; computed ``batch_size`` examples at a time.
+    See :func:`rollnet.margin`; computed ``batch_size`` examples at a time.  For
+    sequences, ``lengths`` ``[M]`` goes to the model as ``model(x, lengths)``.
 
     >>> net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> margins(net, torch.randn(5, 3), p=2, batch_size=2).shape
@@ -63,7 +67,9 @@ def margins(
     """
     parts = []
     for i in range(0, x.shape[0], batch_size):
-        parts.append(margin(model, x[i : i + batch_size].to(device), p=p, memory_budget=memory_budget).cpu())
+        args = None if lengths is None else (lengths[i : i + batch_size].to(device),)
+        parts.append(margin(model, x[i : i + batch_size].to(device), p=p, additional_forward_args=args,
+                            memory_budget=memory_budget).cpu())
     return torch.cat(parts) if parts else x.new_zeros(0)
 
 

@@ -8,8 +8,12 @@ Guarantees:
   (``resume=True``) ends with bit-for-bit the same weights as an
   uninterrupted run on the same machine and device (CPU; on CUDA as far as
   its kernels are deterministic).  The batch order of epoch e is a function of
-  ``(seed, e)`` only, and the checkpoint holds the optimiser state, the
+  ``(seed, e)`` only, and the checkpoint holds the optimisers' states (the main
+  one and, with ``recurrent_optim``, the recurrent parameters' own), the
   random-number states, the position inside the epoch and the running sums.
+- **Sequences**: a split with ``lengths`` (Japanese Vowels) is trained and
+  evaluated as ``model(x, lengths)``; the ROLL term gets the lengths as the
+  model's further argument, so padded steps are not neurons.
 - **Ctrl-C**: the first one finishes the current step, saves ``last.json``
   and returns; a second one aborts at once, keeping the previous checkpoint.
 - **Divergence**: a non-finite loss stops the run before the update; the last
@@ -53,7 +57,7 @@ from rollnet.train.factory import (
     DataInfo,
     make_data,
     make_model,
-    make_optimizer,
+    make_optimizers,
     make_regularizer,
     resolve_device,
 )
@@ -129,7 +133,7 @@ class _Run:
         self.data = make_data(cfg)
         self.info = DataInfo.of(self.data)
         self.model = make_model(cfg, self.info).to(device)
-        self.optimizer = make_optimizer(cfg, self.model)
+        self.optimizer, self.recurrent_optimizer = make_optimizers(cfg, self.model)
         self.roll_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.roll: ROLLLoss | None = make_regularizer(cfg, self.roll_generator)
         self.state = TrainerState()
@@ -142,6 +146,10 @@ class _Run:
         if with_trainer:
             opt_tensors, opt_json = _split_optimizer_state(self.optimizer.state_dict())
             tensors = dict(opt_tensors)
+            if self.recurrent_optimizer is not None:
+                rec_tensors, rec_json = _split_optimizer_state(self.recurrent_optimizer.state_dict(), _RECURRENT)
+                tensors.update(rec_tensors)
+                trainer[_RECURRENT] = rec_json
             tensors["rng.torch"] = torch.get_rng_state()
             tensors["rng.roll"] = self.roll_generator.get_state()
             if self.device.type == "cuda":
@@ -174,6 +182,10 @@ class _Run:
         trainer = checkpoint.trainer
         try:
             self.optimizer.load_state_dict(_join_optimizer_state(tensors, trainer["optimizer"], self.device))
+            if self.recurrent_optimizer is not None:
+                self.recurrent_optimizer.load_state_dict(
+                    _join_optimizer_state(tensors, trainer[_RECURRENT], self.device, _RECURRENT)
+                )
             torch.set_rng_state(tensors["rng.torch"])
             self.roll_generator.set_state(tensors["rng.roll"])
             if self.device.type == "cuda" and "rng.cuda" in tensors:
@@ -187,10 +199,15 @@ class _Run:
             raise CheckpointError(f"{checkpoint.path} holds an incomplete trainer state: {err}") from err
 
     # -- one step ----------------------------------------------------------------
-    def step(self, x: Tensor, y: Tensor) -> None:
-        logits = self.model(x)
-        ce = F.cross_entropy(logits, y)
-        reg = self.roll(self.model, x) if self.roll is not None else ce.new_zeros(())
+    def step(self, x: Tensor, y: Tensor, lengths: Tensor | None = None) -> None:
+        args = () if lengths is None else (lengths,)
+        if self.roll is not None:  # the regulariser's pass is the training forward
+            reg, logits = self.roll(self.model, x, additional_forward_args=args, return_output=True)
+            ce = F.cross_entropy(logits, y)
+        else:
+            logits = self.model(x, *args)
+            ce = F.cross_entropy(logits, y)
+            reg = ce.new_zeros(())
         loss = ce + reg
         values = {"loss": float(loss.detach()), "ce": float(ce.detach()), "reg": float(reg.detach())}
         if not math.isfinite(values["loss"]):
@@ -198,9 +215,12 @@ class _Run:
                 f"loss is {values['loss']} (cross-entropy {values['ce']}, ROLL {values['reg']}) at epoch "
                 f"{self.state.epoch + 1}, batch {self.state.batch + 1} (step {self.state.step + 1})"
             )
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizers = [o for o in (self.optimizer, self.recurrent_optimizer) if o is not None]
+        for o in optimizers:
+            o.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        for o in optimizers:
+            o.step()
         b = float(y.shape[0])
         s = self.state.sums
         for key, value in values.items():
@@ -233,7 +253,7 @@ class _Run:
         if cfg.val_margin_samples > 0:
             subset = self.data.val.head(cfg.val_margin_samples)
             radii = margins(self.model, subset.x, p=2, batch_size=cfg.eval_batch_size, device=self.device,
-                            memory_budget=cfg.roll.memory_budget)
+                            memory_budget=cfg.roll.memory_budget, lengths=subset.lengths)
             record["val_margin_l2"] = {
                 units: percentiles(radii * scale) for units, scale in self.info.radius_scales().items()
             }
@@ -264,24 +284,30 @@ class _Run:
         return text
 
 
-def _split_optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+#: prefix of the recurrent optimiser's tensors in the trainer file, and its key in the manifest
+_RECURRENT = "recurrent_optimizer"
+
+
+def _split_optimizer_state(sd: dict[str, Any], prefix: str = "optimizer") -> tuple[dict[str, Tensor], dict[str, Any]]:
     tensors: dict[str, Tensor] = {}
     plain: dict[str, dict[str, Any]] = {}
     for idx, entries in sd["state"].items():
         for name, value in entries.items():
             if isinstance(value, Tensor):
-                tensors[f"optimizer.{idx}.{name}"] = value
+                tensors[f"{prefix}.{idx}.{name}"] = value
             else:
                 plain.setdefault(str(idx), {})[name] = value
     return tensors, {"param_groups": sd["param_groups"], "state": plain}
 
 
-def _join_optimizer_state(tensors: dict[str, Tensor], meta: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def _join_optimizer_state(
+    tensors: dict[str, Tensor], meta: dict[str, Any], device: torch.device, prefix: str = "optimizer"
+) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for idx, entries in meta["state"].items():
         state.setdefault(int(idx), {}).update(entries)
     for key, value in tensors.items():
-        if key.startswith("optimizer."):
+        if key.startswith(f"{prefix}."):
             _, idx, name = key.split(".", 2)
             # Adam keeps its step counter on the CPU; everything else lives with the parameters.
             state.setdefault(int(idx), {})[name] = value if name == "step" else value.to(device)
@@ -410,8 +436,9 @@ def _loop(run: _Run, on_step: StepHook | None, resume_from: Checkpoint | None) -
                         idx = order[state.batch * cfg.batch_size : (state.batch + 1) * cfg.batch_size]
                         x = train_split.x[idx].to(run.device)
                         y = train_split.y[idx].to(run.device)
+                        lengths = None if train_split.lengths is None else train_split.lengths[idx].to(run.device)
                         consistent = False
-                        run.step(x, y)
+                        run.step(x, y, lengths)
                         consistent = True
                         bar.update(1)
                         if cfg.progress:
