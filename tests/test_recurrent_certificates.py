@@ -459,15 +459,13 @@ def test_patterns_ignore_padding_and_count_regions_uses_the_lengths(kind: str) -
     assert torch.equal(ta[2], pattern(model, q[None])[0].to(torch.int64))
     assert torch.equal(rollnet.activation_pattern(model, s[None]).as_tensor()[0], expected)
     # count_regions: the padding content never creates a region; batches cut the lengths with them
-    # (batch sizes whose batches all run the same number of steps for s: see the xfail below)
+    # (and however the batches cut the lengths: see the next test)
     data = torch.stack([padded(s, 6, False), padded(s, 6, True), q, padded(s, 6, True), q.clone()])
     lengths = torch.tensor([n, n, 6, n, 6])
     for batch_size in (1, 256):
         assert rollnet.count_regions(model, data, batch_size, additional_forward_args=lengths) == (2, 2)
 
 
-@pytest.mark.xfail(strict=True, reason="rollnet bug: a pattern's key has one entry per step the batch runs "
-                   "(its longest sequence), so one sequence gets different keys in different batches")
 @pytest.mark.parametrize("kind", KINDS)
 def test_count_regions_does_not_depend_on_how_the_data_is_cut(kind: str) -> None:
     model = make(kind, seed=5)
@@ -480,8 +478,6 @@ def test_count_regions_does_not_depend_on_how_the_data_is_cut(kind: str) -> None
     assert counts == {(2, 2)}
 
 
-@pytest.mark.xfail(strict=True, reason="rollnet bug: padded-step entries are 'off' in the pattern, so a "
-                   "shorter sequence collides with a longer one whose extra steps are all off (ReLU)")
 def test_sequences_of_different_lengths_in_different_regions_have_different_patterns() -> None:
     model = make("elman_relu", seed=5)
     with torch.no_grad():
@@ -495,4 +491,4 @@ def test_sequences_of_different_lengths_in_different_regions_have_different_patt
     jac = rollnet.LinearRegions(model, data, additional_forward_args=lengths).jacobian()
     assert not torch.allclose(jac[0], jac[1])  # so they are in different regions
     n_patterns, n_jacobians = rollnet.count_regions(model, data, additional_forward_args=lengths)
-    assert (n_patterns, n_jacobians) == (2, 2)  # got (1, 1): n_patterns is no upper bound
+    assert (n_patterns, n_jacobians) == (2, 2)  # (padded entries counted as "off" gave (1, 1))

@@ -111,6 +111,19 @@ def check_forward_args(additional_forward_args: Any, x: Tensor) -> tuple[Any, ..
     return args
 
 
+def patterns_of(got: Collected, batch_size: int) -> ActivationPatterns:
+    """The activation patterns in ``got``, each example's from its own neurons only."""
+    if got.valid is None:
+        return ActivationPatterns(got.patterns, batch_size)
+    valid: list[Tensor | None] = []
+    start = 0
+    for group, part in zip(got.groups, got.patterns, strict=True):
+        v = got.valid[:, start : start + group.size]
+        start += group.size
+        valid.append(None if part.shape[1] != group.size or bool(v.all()) else v)
+    return ActivationPatterns(got.patterns, batch_size, valid)
+
+
 def _margin_from(values: Tensor, norms: Tensor) -> Tensor:
     """``min_j |z_j| / norm_j`` per example; neurons with a zero gradient impose nothing."""
     if values.shape[1] == 0:
@@ -246,7 +259,7 @@ class LinearRegions:
 
     def activation_pattern(self) -> ActivationPatterns:
         """Per-example activation patterns (see :func:`activation_pattern`)."""
-        return ActivationPatterns(self._base.patterns, self.x.shape[0])
+        return patterns_of(self._base, self.x.shape[0])
 
     # -- one batched pass over all D input axes --------------------------------
     def _all_axes(self) -> Collected:
@@ -490,7 +503,7 @@ def activation_pattern(model: nn.Module, x: Tensor, *, additional_forward_args: 
     args = check_forward_args(additional_forward_args, x)
     with torch.no_grad(), eval_mode(model):
         got = collect(model, x, None, Request(), forward_args=args)
-    return ActivationPatterns(got.patterns, x.shape[0])
+    return patterns_of(got, x.shape[0])
 
 
 def neuron_gradients(
@@ -627,7 +640,7 @@ def count_regions(
             if xb.shape[0] == 0:
                 continue
             got = collect(model, xb, None, Request(), forward_args=argsb)
-            keys = ActivationPatterns(got.patterns, xb.shape[0]).keys()
+            keys = patterns_of(got, xb.shape[0]).keys()
             for i, key in enumerate(keys):
                 if key not in representatives:
                     representatives[key] = (xb[i], batch_slice(argsb, i, i + 1, xb.shape[0]))
