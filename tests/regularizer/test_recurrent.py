@@ -6,45 +6,25 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import rollnet
 from rollnet.engine.gradients import unit_directions
-from rollnet.regularizer.recurrent import Recurrence, find_recurrence, recurrent_fusable
+from rollnet.models import ElmanRNN
+from rollnet.regularizer.recurrent import find_recurrence, recurrent_fusable
 
 
-class Elman(nn.Module):
-    """A small Elman net that declares its recurrence (the shape rollnet.models' RNNs have)."""
-
-    def __init__(self, c: int = 3, h: int = 6, classes: int = 4, slope: float = 0.1) -> None:
-        super().__init__()
-        self.input = nn.Linear(c, h)
-        self.weight_hh = nn.Parameter(torch.randn(h, h) * 0.5)
-        self.output = nn.Linear(h, classes)
-        self.negative_slope = slope
-
-    def elman_recurrence(self) -> Recurrence | None:
-        if type(self).forward is not Elman.forward:
-            return None
-        return Recurrence(self.input, self.weight_hh, self.negative_slope, self.output)
-
-    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
-        h = x.new_zeros(x.shape[0], self.weight_hh.shape[0])
-        steps = x.shape[1] if lengths is None else int(lengths.max())
-        for t in range(steps):
-            z = self.input(x[:, t]) + F.linear(h, self.weight_hh)
-            if lengths is None:
-                h = F.leaky_relu(z, self.negative_slope)
-            else:
-                valid = (lengths > t).unsqueeze(1)
-                h = torch.where(valid, F.leaky_relu(rollnet.neuron_mask(z, valid), self.negative_slope), h)
-        return self.output(h)
+def _elman(c: int = 3, h: int = 6, classes: int = 4, slope: float = 0.1) -> ElmanRNN:
+    """A small LeakyReLU Elman net with a random (not orthogonal) recurrent matrix."""
+    model = ElmanRNN(c, h, classes, nonlinearity="leaky_relu", negative_slope=slope)
+    with torch.no_grad():
+        model.weight_hh.copy_(torch.randn(h, h) * 0.5)
+    return model
 
 
-def _batch(seed: int = 0) -> tuple[Elman, Tensor, Tensor]:
+def _batch(seed: int = 0) -> tuple[ElmanRNN, Tensor, Tensor]:
     torch.manual_seed(seed)
-    model = Elman().double()
+    model = _elman().double()
     x = torch.randn(5, 7, 3, dtype=torch.float64)
     lengths = torch.tensor([7, 2, 5, 1, 6])
     for i, n in enumerate(lengths.tolist()):
@@ -103,7 +83,7 @@ def test_neuron_terms_of_a_padded_batch_are_those_of_each_sequence_alone() -> No
 def test_the_term_passes_gradcheck(fused: bool) -> None:
     """The exact term of a padded batch, differentiated in the recurrent and input weights."""
     torch.manual_seed(4)
-    base = Elman(c=2, h=3, classes=2).double()
+    base = _elman(c=2, h=3, classes=2).double()
     x = torch.randn(3, 4, 2, dtype=torch.float64)
     lengths = torch.tensor([4, 2, 3])
     roll = rollnet.ROLLLoss(1.0, 0.5, fused=fused)
@@ -141,11 +121,11 @@ def test_batch_chunks_that_run_fewer_steps_give_the_unchunked_results() -> None:
 
 
 def test_a_subclass_with_its_own_forward_is_not_fused() -> None:
-    class Other(Elman):
+    class Other(ElmanRNN):
         def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
             return super().forward(x, lengths) * 2
 
-    assert find_recurrence(Other()) is None
-    model = Elman()
+    assert find_recurrence(Other(3, 6, 4)) is None
+    model = _elman()
     model.register_forward_hook(lambda *_: None)
     assert find_recurrence(model) is None
