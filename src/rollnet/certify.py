@@ -580,11 +580,6 @@ def _batches(data: Any, batch_size: int, args: tuple[Any, ...]) -> Iterable[tupl
         for i in range(0, data.shape[0], batch_size):
             yield data[i : i + batch_size], batch_slice(args, i, i + batch_size, data.shape[0])
         return
-    if args:
-        raise ValueError(
-            "additional_forward_args needs data as one tensor [M, *input_shape] (its per-example "
-            "arguments are cut with it); for a DataLoader, call count_regions per batch"
-        )
     for item in data:
         yield (item[0] if isinstance(item, (tuple, list)) else item), ()
 
@@ -630,9 +625,14 @@ def count_regions(
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    args = () if additional_forward_args is None else check_forward_args(
-        additional_forward_args, data if isinstance(data, Tensor) else torch.empty(0, 1)
-    )
+    args: tuple[Any, ...] = ()
+    if additional_forward_args is not None:
+        if not isinstance(data, Tensor):
+            raise ValueError(
+                "additional_forward_args needs data as one tensor [M, *input_shape] (its per-example "
+                "arguments are cut with it); for a DataLoader, call count_regions per batch"
+            )
+        args = check_forward_args(additional_forward_args, data)
     representatives: dict[bytes, tuple[Tensor, tuple[Any, ...]]] = {}
     with torch.no_grad(), eval_mode(model):
         for xb, argsb in _batches(data, batch_size, args):

@@ -215,7 +215,7 @@ class ROLLLoss(nn.Module):
         output, terms, valid = self._collect(
             model, x, update_running_stats=return_output, per_example_mean=True, forward_args=additional_forward_args
         )
-        term = self._reduce(terms) if valid is None else self._reduce_valid(terms, valid)
+        term = self._reduce(terms, valid)
         return (term, output) if return_output else term
 
     def _reduce_valid(self, terms: Tensor, valid: Tensor) -> Tensor:
