@@ -10,6 +10,8 @@ whose regions are large with the ROLL regulariser.
 torch.Size([8])
 """
 
+from typing import TYPE_CHECKING, Any
+
 from rollnet.certify import (
     LinearRegions,
     activation_pattern,
@@ -27,6 +29,26 @@ from rollnet.regularizer import ROLLLoss
 
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:
+    from rollnet.train.load import load_model
+
+# Imported on first use: rollnet.train (configs, trainer, checkpoints) stays out of `import rollnet`.
+_LAZY = {"load_model": "rollnet.train.load"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rollnet' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 __all__ = [
     "ActivationPattern",
     "ActivationPatterns",
@@ -37,6 +59,7 @@ __all__ = [
     "certified_saliency",
     "count_regions",
     "directional_margin",
+    "load_model",
     "margin",
     "neuron_gradients",
     "neuron_mask",

@@ -30,6 +30,7 @@ from rollnet.train.evaluation import (
     to_markdown,
 )
 from rollnet.train.factory import DataInfo
+from rollnet.train.load import LoadedModel, load_model
 from rollnet.train.trainer import TrainerState, TrainingDiverged, TrainResult, train
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DataInfo",
+    "LoadedModel",
     "ModelConfig",
     "OptimConfig",
     "RegionReport",
@@ -52,6 +54,7 @@ __all__ = [
     "evaluate_checkpoint",
     "load_config",
     "load_manifest",
+    "load_model",
     "region_report",
     "to_json",
     "to_markdown",

@@ -76,7 +76,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _require_safetensors() -> None:
+    """Raise a clear ImportError when the ``safetensors`` package (the ``train`` extra) is missing."""
+    try:
+        import safetensors  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            "rollnet checkpoints are safetensors files and the 'safetensors' package is not installed: "
+            "pip install 'rollnet[train]' (or pip install safetensors)"
+        ) from err
+
+
 def _to_bytes(tensors: Mapping[str, Tensor]) -> bytes:
+    _require_safetensors()
     from safetensors.torch import save
 
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
@@ -236,7 +248,9 @@ def load_tensors(checkpoint: Checkpoint, role: str, device: str | torch.device =
 
     Raises:
         CheckpointError: the checkpoint has no such file, or it cannot be parsed.
+        ImportError: the ``safetensors`` package is not installed.
     """
+    _require_safetensors()
     from safetensors import SafetensorError
     from safetensors.torch import load
 

@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from rollnet.certify import check_forward_args, count_regions
 from rollnet.engine.gradients import Request, collect, unit_directions
 from rollnet.engine.modes import eval_mode
-from rollnet.train.checkpoint import CheckpointError, load_manifest, load_tensors, load_weights_into
-from rollnet.train.config import ConfigError, config_from_dict
-from rollnet.train.factory import DataInfo, make_data, make_model, resolve_device
+from rollnet.train.checkpoint import CheckpointError
+from rollnet.train.factory import DataInfo, make_data
+from rollnet.train.load import load_checkpoint_model
 from rollnet.train.metrics import percentiles
 
 __all__ = [
@@ -252,15 +252,8 @@ def load_run(path: str | Path, device: str = "cpu") -> LoadedRun:
     Raises:
         CheckpointError: missing, damaged or mismatched checkpoint.
     """
-    checkpoint = load_manifest(path)
-    try:
-        cfg = config_from_dict(checkpoint.config)
-        info = DataInfo.from_dict(checkpoint.data)
-    except (ConfigError, KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{checkpoint.path} holds an invalid config or data description: {err}") from err
-    dev = resolve_device(device)
-    model = make_model(cfg, info).to(dev)
-    load_weights_into(model, load_tensors(checkpoint, "weights", dev), checkpoint.path)
+    loaded = load_checkpoint_model(path, device)
+    checkpoint, cfg, info, model, dev = loaded.checkpoint, loaded.config, loaded.info, loaded.model, loaded.device
     data = make_data(cfg)
     if DataInfo.of(data) != info:
         raise CheckpointError(
