@@ -19,10 +19,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from rollnet.train.distortion_report import DistortionReport
     from rollnet.train.evaluation import RegionReport
 
 __all__ = ["main"]
@@ -54,7 +56,41 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", help="cpu or cuda")
     e.add_argument("--float32", action="store_true", help="certify in float32 (default: float64, exact)")
     e.add_argument("--batch-size", type=int, default=250, help="examples per pass")
+    _distortion_options(e)
     return parser
+
+
+def _distortion_options(parser: argparse.ArgumentParser) -> None:
+    """``--distortion EPS`` and the options of its samples and worst-case search."""
+    d = parser.add_argument_group("gradient distortion (the paper's Caltech table)")
+    d.add_argument("--distortion", type=float, default=None, metavar="EPS",
+                   help="also report P@1, P@5 and the expected and worst-case gradient distortion in an "
+                        "l_inf ball of radius EPS (in --distortion-units; the paper: 0.03125 = 8/256 pixels)")
+    d.add_argument("--distortion-units", default=None, choices=["pixel", "normalized", "raw"],
+                   help="units of EPS (default: pixel for image data, else the model's input units)")
+    d.add_argument("--samples", type=int, default=1000, help="uniform samples per example (default 1000)")
+    d.add_argument("--search", default="genetic",
+                   help="worst-case search: genetic (the paper's) or another method of "
+                        "rollnet.evaluate.distortion.max_gradient_distortion (default genetic)")
+    d.add_argument("--budget", type=int, default=None, help="model evaluations per example for the search")
+    d.add_argument("--population", type=int, default=4800, help="genetic population (default 4800)")
+    d.add_argument("--generations", type=int, default=30, help="genetic generations (default 30)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the samples and the search (default 0)")
+
+
+def _distortion(args: argparse.Namespace, path: Path) -> DistortionReport:
+    """The distortion table's row for one checkpoint (``--distortion``)."""
+    from rollnet.train.distortion_report import distortion_report
+    from rollnet.train.evaluation import load_run
+
+    run = load_run(path, args.device)
+    part = getattr(run.data, args.split).head(args.limit)
+    return distortion_report(
+        run.model, part.x, part.y, run.info, args.distortion, label=run.config.name, split=args.split,
+        units=args.distortion_units, n_samples=args.samples, method=args.search, budget=args.budget,
+        population=args.population, generations=args.generations, seed=args.seed, device=run.device,
+        lengths=getattr(part, "lengths", None),
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -76,17 +112,25 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be positive, got {args.limit}")
+    if args.distortion is not None and not args.distortion > 0:
+        raise ValueError(f"--distortion must be a positive radius, got {args.distortion}")
     reports = [
         evaluate_checkpoint(path, split=args.split, limit=args.limit, batch_size=args.batch_size,
                             float64=not args.float32, device=args.device)
         for path in args.checkpoints
     ]
     markdown = f"{describe(reports)}\n\n{to_markdown(reports)}\n"
+    extra: dict[str, Any] = {"checkpoints": [str(p) for p in args.checkpoints]}
+    if args.distortion is not None:
+        from rollnet.train.distortion_report import describe_distortion, distortion_markdown
+
+        distortions = [_distortion(args, path) for path in args.checkpoints]
+        markdown += f"\n{describe_distortion(distortions)}\n\n{distortion_markdown(distortions)}\n"
+        extra["distortion"] = [asdict(d) for d in distortions]
     print(markdown, end="")
     out = args.out if args.out is not None else load_manifest(args.checkpoints[0]).path.parent
     stem = f"evaluation-{args.split}"
     atomic_write_text(out / f"{stem}.md", markdown)
-    extra = {"checkpoints": [str(p) for p in args.checkpoints]}
     atomic_write_text(out / f"{stem}.json", to_json(reports, extra))
     print(f"wrote {out / (stem + '.md')} and {out / (stem + '.json')}", file=sys.stderr)
     if all(r.sequence for r in reports):
