@@ -3,12 +3,16 @@
 ::
 
     rollnet train CONFIG [--set key=value ...] [--resume] [--out DIR]
-    rollnet evaluate CHECKPOINT [CHECKPOINT ...] [--split test] [--limit N] [--out DIR]
+    rollnet evaluate CHECKPOINT [CHECKPOINT ...] [--split test] [--limit N] [--out DIR] [--distortion EPS]
+    rollnet report RUN_DIR [RUN_DIR ...] -o report.html [--split test] [--limit N] [--distortion EPS]
 
 ``evaluate`` prints one table for all the checkpoints given (one row per
 model).  For sequence models it also draws, for each model, one channel's
 per-time-step stability bounds of the test sequences at the P50 and P75 of
-the l2 margin (``stability-<split>.png``, the paper's figure 3).
+the l2 margin (``stability-<split>.png``, the paper's figure 3).  With
+``--distortion EPS`` it adds the paper's Caltech table (P@1, P@5, expected and
+worst-case gradient distortion, label changes).  ``report`` writes one
+self-contained HTML page with the tables and pictures of several runs.
 
 Exit status: 0 done, 1 error (bad config, missing data, damaged
 checkpoint), 3 training diverged, 130 interrupted by Ctrl-C (checkpoint saved).
@@ -57,6 +61,17 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--float32", action="store_true", help="certify in float32 (default: float64, exact)")
     e.add_argument("--batch-size", type=int, default=250, help="examples per pass")
     _distortion_options(e)
+
+    r = sub.add_parser("report", help="one self-contained HTML page comparing runs: tables and pictures")
+    r.add_argument("runs", type=Path, nargs="+", help="run directories (their best.json) or manifests")
+    r.add_argument("-o", "--output", type=Path, default=Path("report.html"), help="HTML file (default report.html)")
+    r.add_argument("--split", default="test", choices=["test", "val", "train"], help="split to evaluate (default test)")
+    r.add_argument("--limit", type=int, default=None, help="only the first N examples of the split")
+    r.add_argument("--device", default="cpu", help="cpu or cuda")
+    r.add_argument("--float32", action="store_true", help="certify in float32 (default: float64, exact)")
+    r.add_argument("--batch-size", type=int, default=250, help="examples per pass")
+    r.add_argument("--channel", type=int, default=0, help="sequence runs: the channel drawn (default 0)")
+    _distortion_options(r)
     return parser
 
 
@@ -91,6 +106,26 @@ def _distortion(args: argparse.Namespace, path: Path) -> DistortionReport:
         population=args.population, generations=args.generations, seed=args.seed, device=run.device,
         lengths=getattr(part, "lengths", None),
     )
+
+
+def _report(args: argparse.Namespace) -> int:
+    import shlex
+
+    from rollnet.plots.report import write_report
+
+    if args.distortion is not None and not args.distortion > 0:
+        raise ValueError(f"--distortion must be a positive radius, got {args.distortion}")
+    options = None
+    if args.distortion is not None:
+        options = {"units": args.distortion_units, "n_samples": args.samples, "method": args.search,
+                   "budget": args.budget, "population": args.population, "generations": args.generations,
+                   "seed": args.seed}
+    command = "rollnet " + " ".join(shlex.quote(a) for a in (args.argv or []))
+    out = write_report(args.runs, args.output, split=args.split, limit=args.limit, distortion=args.distortion,
+                       distortion_options=options, device=args.device, batch_size=args.batch_size,
+                       float64=not args.float32, command=command, channel=args.channel)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -166,9 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rollnet.train import CheckpointError, ConfigError
 
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "report":
+            return _report(args)
         return _evaluate(args)
     except (ConfigError, CheckpointError, DataSetMissingError, ValueError) as err:
         print(f"rollnet: error: {err}", file=sys.stderr)

@@ -42,6 +42,7 @@ __all__ = [
     "region_report",
     "sequence_bounds",
     "spearman",
+    "table_rows",
     "to_json",
     "to_markdown",
 ]
@@ -267,27 +268,56 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}" if math.isfinite(v) else str(v)
 
 
+def table_rows(reports: Sequence[RegionReport]) -> tuple[list[str], list[list[str]]]:
+    """``(header, rows)`` of :func:`to_markdown`'s table, as strings (for markdown and HTML).
+
+    Table-1 layout, or Table-2 when every report is of sequences.
+
+    >>> r = RegionReport("m", "test", 2, 0.5, 2, 2, "raw", {"raw": 1.0},
+    ...                  {"raw": {k: {"P25": 1, "P50": 2, "P75": 3, "P100": 4} for k in NORMS}}, "float64", 0.1)
+    >>> head, rows = table_rows([r])
+    >>> head[:5], rows[0][:5]
+    (['model', 'accuracy', 'patterns', 'Jacobians', 'units'], ['m', '50.00%', '2', '2', 'raw'])
+    """
+    qs = ("P25", "P50", "P75", "P100")
+    if reports and all(r.sequence for r in reports):
+        head = ["model", "accuracy"] + [f"{norm} {q} (1e-6)" for norm in ("l1", "l2") for q in qs]
+        head.append("Spearman l1/l2")
+        rows = []
+        for r in reports:
+            table = r.margins[r.model_units]
+            row = [r.model, f"{r.accuracy:.2%}"] + [_fmt(table[norm][q] * 1e6) for norm in ("l1", "l2") for q in qs]
+            row.append(f"{r.spearman_l1_l2:.3f}")
+            rows.append(row)
+        return head, rows
+    head = ["model", "accuracy", "patterns", "Jacobians", "units"]
+    head += [f"{norm} {q}" for norm in NORMS for q in qs]
+    rows = []
+    for r in reports:
+        for units, table in r.margins.items():
+            row = [r.model, f"{r.accuracy:.2%}", str(r.n_patterns), str(r.n_jacobians), units]
+            row += [_fmt(table[norm][q]) for norm in NORMS for q in qs]
+            rows.append(row)
+    return head, rows
+
+
+def _markdown(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def to_markdown(reports: Sequence[RegionReport]) -> str:
     """Table-1 layout: one row per model and unit; columns accuracy, #patterns, #Jacobians, and
-    P25 / P50 / P75 / P100 of the l1, l2 and l_inf margins.
+    P25 / P50 / P75 / P100 of the l1, l2 and l_inf margins.  When every report is of
+    sequences, the Table-2 layout (:func:`_sequence_table`).
 
     >>> r = RegionReport("m", "test", 2, 0.5, 2, 2, "raw", {"raw": 1.0},
     ...                  {"raw": {k: {"P25": 1, "P50": 2, "P75": 3, "P100": 4} for k in NORMS}}, "float64", 0.1)
     >>> print(to_markdown([r]).splitlines()[-1])
     | m | 50.00% | 2 | 2 | raw | 1 | 2 | 3 | 4 | 1 | 2 | 3 | 4 | 1 | 2 | 3 | 4 |
     """
-    qs = ("P25", "P50", "P75", "P100")
-    if reports and all(r.sequence for r in reports):
-        return _sequence_table(reports)
-    head = ["model", "accuracy", "patterns", "Jacobians", "units"]
-    head += [f"{norm} {q}" for norm in NORMS for q in qs]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in reports:
-        for units, table in r.margins.items():
-            row = [r.model, f"{r.accuracy:.2%}", str(r.n_patterns), str(r.n_jacobians), units]
-            row += [_fmt(table[norm][q]) for norm in NORMS for q in qs]
-            lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+    return _markdown(*table_rows(reports))
 
 
 def _sequence_table(reports: Sequence[RegionReport]) -> str:
@@ -300,16 +330,9 @@ def _sequence_table(reports: Sequence[RegionReport]) -> str:
     >>> print(_sequence_table([r]).splitlines()[-1])
     | m | 50.00% | 1 | 2 | 3 | 4 | 1 | 2 | 3 | 4 | 0.980 |
     """
-    qs = ("P25", "P50", "P75", "P100")
-    head = ["model", "accuracy"] + [f"{norm} {q} (1e-6)" for norm in ("l1", "l2") for q in qs]
-    head.append("Spearman l1/l2")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in reports:
-        table = r.margins[r.model_units]
-        row = [r.model, f"{r.accuracy:.2%}"] + [_fmt(table[norm][q] * 1e6) for norm in ("l1", "l2") for q in qs]
-        row.append(f"{r.spearman_l1_l2:.3f}")
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+    if not all(r.sequence for r in reports):
+        raise ValueError("the Table-2 layout is for sequence reports only")
+    return _markdown(*table_rows(reports))
 
 
 def describe(reports: Sequence[RegionReport]) -> str:
