@@ -24,6 +24,8 @@ from rollnet.certify import (
 )
 from rollnet.engine.padding import neuron_mask
 from rollnet.errors import UnsupportedOperationError
+from rollnet.evaluate.distortion import WorstCase, gradient_distortion, max_gradient_distortion
+from rollnet.evaluate.plane import PlaneRegion, PlaneRegions, TooManyRegionsError, plane_regions
 from rollnet.patterns import ActivationPattern, ActivationPatterns
 from rollnet.regularizer import ROLLLoss
 
@@ -53,15 +55,22 @@ __all__ = [
     "ActivationPattern",
     "ActivationPatterns",
     "LinearRegions",
+    "PlaneRegion",
+    "PlaneRegions",
     "ROLLLoss",
+    "TooManyRegionsError",
     "UnsupportedOperationError",
+    "WorstCase",
     "activation_pattern",
     "certified_saliency",
     "count_regions",
     "directional_margin",
+    "gradient_distortion",
     "load_model",
     "margin",
+    "max_gradient_distortion",
     "neuron_gradients",
     "neuron_mask",
+    "plane_regions",
     "stability_bounds",
 ]
