@@ -170,13 +170,22 @@ def _summary(loaded: LoadedRun, manifest: Path, content: dict[str, Any], name: s
 
 
 def _unique_names(names: Sequence[str], paths: Sequence[Path]) -> list[str]:
-    """Run names, made unique with their directory (and a number) where two coincide."""
+    """Run names, made unique where two coincide: with their directory, then the manifest, then a number.
+
+    >>> _unique_names(["a", "a", "b"], [Path("x/best.json"), Path("y/best.json"), Path("z/best.json")])
+    ['a (x)', 'a (y)', 'b']
+    """
     out = list(names)
     for i, n in enumerate(names):
         if names.count(n) > 1:
             out[i] = f"{n} ({paths[i].parent.name})"
-    for i, n in enumerate(out):
-        if out.count(n) > 1:
+    first = list(out)
+    for i, n in enumerate(first):
+        if first.count(n) > 1:
+            out[i] = f"{names[i]} ({paths[i].parent.name}/{paths[i].stem})"
+    second = list(out)
+    for i, n in enumerate(second):
+        if second.count(n) > 1:
             out[i] = f"{n} #{i + 1}"
     return out
 
