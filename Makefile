@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench data clean
+.PHONY: demo test lint bench data browser clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,18 @@ data:
 		echo "note: could not install dataset-fashion-mnist; Fashion-MNIST features will ask for it"; \
 	fi
 
+# Headless Chromium from Debian's package, where apt is available (optional: the report's browser test skips without it).
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -q chromium >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) || \
+		echo "note: could not install chromium; the HTML report's browser test will be skipped"; \
+	fi
+
 demo: $(STAMP)
 	$(PY) -m rollnet.demo
 
-test: $(STAMP) data
+test: $(STAMP) data browser
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m mypy
 	$(PY) -m pytest -q
