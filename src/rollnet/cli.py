@@ -85,8 +85,8 @@ def _distortion_options(parser: argparse.ArgumentParser) -> None:
                    help="units of EPS (default: pixel for image data, else the model's input units)")
     d.add_argument("--samples", type=int, default=1000, help="uniform samples per example (default 1000)")
     d.add_argument("--search", default="genetic",
-                   help="worst-case search: genetic (the paper's) or another method of "
-                        "rollnet.evaluate.distortion.max_gradient_distortion (default genetic)")
+                   help="worst-case search: genetic (the paper's, default) or surrogate; see "
+                        "rollnet.evaluate.distortion.max_gradient_distortion")
     d.add_argument("--budget", type=int, default=None, help="model evaluations per example for the search")
     d.add_argument("--population", type=int, default=4800, help="genetic population (default 4800)")
     d.add_argument("--generations", type=int, default=30, help="genetic generations (default 30)")

@@ -184,3 +184,14 @@ def test_same_names_are_told_apart(runs, tmp_path):
         assert main(["report", str(runs[0]), str(runs[0] / "last.json"), "-o", str(out), "--limit", "10"]) == 0
     table = _parse(out.read_text()).tables["regions-table"]
     assert [row[0] for row in table[2:]] == ["vanilla (run0/best)", "vanilla (run0/last)"]
+
+
+def test_a_slice_with_too_many_regions_becomes_a_note(runs, tmp_path):
+    from rollnet.plots.report import build_report
+
+    with intra_op_threads(1):
+        report = build_report(runs, limit=10, max_regions=2)
+    (regions,) = [f for f in report.figures if f.title.startswith("Linear regions")]
+    assert regions.png is None and "2" in (regions.note or "")
+    markup = render_html(report)
+    assert "Not drawn: " in markup and markup.count("data:image/png;base64,") == 1

@@ -246,7 +246,7 @@ def _stability_figure(items: Sequence[tuple[str, LoadedRun, Any, RegionReport]],
     return Figure("Stability bounds of sequences",
                   f"How far channel {channel} may move at each time step alone without changing the activation "
                   "pattern, for the sequences at the P50 and P75 of each run's l2 margin (the paper's figure 3).",
-                  png)
+                  png, wide=True)
 
 
 def build_report(
@@ -341,7 +341,7 @@ header.top code { background: rgba(255, 255, 255, 0.14); color: #fff; padding: 2
   font-size: 13px; word-break: break-all; }
 nav.toc { margin-top: 14px; font-size: 14px; }
 nav.toc a { color: #fff; text-decoration: none; margin-right: 18px; border-bottom: 1px solid rgba(255,255,255,.4); }
-main { padding-bottom: 40px; }
+main.wrap { padding-bottom: 40px; }
 h2 { font-size: 22px; margin: 36px 0 12px; padding-bottom: 6px; border-bottom: 1px solid var(--border); }
 p.lead { color: var(--muted); margin: 0 0 14px; max-width: 980px; font-size: 15px; }
 .cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(340px, 1fr)); gap: 16px; }
