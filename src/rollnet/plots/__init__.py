@@ -10,19 +10,24 @@ from rollnet.plots.regions import (
     region_polygons,
     toy_slice,
 )
+from rollnet.plots.saliency import SaliencyColumn, plot_saliency, saliency_map, worst_case_saliency
 from rollnet.plots.stability import BoundsCurve, plot_stability_bounds
 
 __all__ = [
     "BoundsCurve",
     "MarginCurve",
     "RegionPolygons",
+    "SaliencyColumn",
     "adjacency",
     "colour_regions",
     "draw_regions",
     "margin_cdf",
     "plot_margin_cdf",
     "plot_regions",
+    "plot_saliency",
     "plot_stability_bounds",
     "region_polygons",
+    "saliency_map",
     "toy_slice",
+    "worst_case_saliency",
 ]
