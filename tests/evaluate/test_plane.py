@@ -528,3 +528,102 @@ def test_an_incomplete_walk_is_an_error_not_a_picture(monkeypatch: pytest.Monkey
     monkeypatch.setattr(plane._Walk, "_cover", lambda self, task, found: [])
     with pytest.raises(RuntimeError, match=r"the [1-6] regions found cover 0\.\d+ of the rectangle's area"):
         plane_regions(net, *E2, (-1.0, 2.0, -1.0, 2.0))
+
+
+def test_max_pool_ties_that_persist_on_the_plane_cut_nothing() -> None:
+    """Two members of a pooling window equal everywhere on the plane (a tie with equal gradients)."""
+    model = zoo_max.TieNet().to(D).eval()
+    x0 = torch.zeros(1, 4, 4, dtype=D)
+    gen = torch.Generator().manual_seed(12)
+    u = torch.zeros(1, 4, 4, dtype=D)
+    u[0, 0, 0] = u[0, 0, 1] = 1.0
+    u[0, 2, 2] = 1.0
+    v = torch.randn(1, 4, 4, generator=gen, dtype=D)
+    v[0, 0, 1] = v[0, 0, 0]
+    regions = plane_regions(model, x0, u, v, (-1.0, 1.0, -1.0, 1.0))
+    assert len(regions) > 1
+    check_tiling(model, x0, u, v, regions, points_per_region=4)
+    check_affine(model, x0, u, v, regions)
+
+
+# ---------------------------------------------------------------------------
+# the pieces: polygon geometry, covering an edge with several neighbours
+
+
+def test_clip_keeps_labels_and_vertices_on_the_line() -> None:
+    square, labels = polygons.rectangle(0.0, 1.0, 0.0, 1.0, label=-1)
+    # the diagonal through two corners: no new vertex, the kept half is a triangle
+    tri, lab = polygons.clip(square, labels, np.array([1.0, -1.0]) / math.sqrt(2), 0.0, np.zeros(2), 5, 1e-12)
+    assert {tuple(p) for p in tri.tolist()} == {(0.0, 0.0), (1.0, 0.0), (1.0, 1.0)}
+    assert sorted(lab.tolist()) == [-1, -1, 5]
+    assert polygons.area(tri) == pytest.approx(0.5)
+    # a line along an edge changes nothing; a line missing the polygon keeps all or nothing
+    same, lab2 = polygons.clip(square, labels, np.array([0.0, 1.0]), 0.0, np.zeros(2), 6, 1e-12)
+    assert np.array_equal(same, square) and np.array_equal(lab2, labels)
+    gone, _ = polygons.clip(square, labels, np.array([0.0, 1.0]), -2.0, np.zeros(2), 6, 1e-12)
+    assert gone.shape == (0, 2)
+    # each edge's label: the edge from vertex i to i + 1 of the cut square lies on its line
+    cut, lab3 = polygons.clip(square, np.arange(4), np.array([-0.6, -0.8]), 0.7, np.zeros(2), 9, 1e-12)
+    n = cut.shape[0]
+    for i in range(n):
+        mid = (cut[i] + cut[(i + 1) % n]) / 2
+        if lab3[i] == 9:
+            assert 0.7 - 0.6 * mid[0] - 0.8 * mid[1] == pytest.approx(0.0, abs=1e-15)
+        else:  # the square's own sides 0 (b = 0), 1 (a = 1), 2 (b = 1), 3 (a = 0)
+            axis, value = [(1, 0.0), (0, 1.0), (1, 1.0), (0, 0.0)][int(lab3[i])]
+            assert mid[axis] == value
+
+
+def test_contains_and_segment_inside() -> None:
+    tri = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
+    pts = np.array([[0.5, 0.5], [1.0, 1.0], [1.5, 1.5], [0.01, 0.5]])
+    assert polygons.contains(tri, pts).tolist() == [True, True, False, True]
+    assert polygons.contains(tri, pts, margin=0.1).tolist() == [True, False, False, False]
+    assert polygons.segment_inside(tri, np.array([3.0, 3.0]), np.array([4.0, 3.0]), 1e-12) is None
+    lo, hi = polygons.segment_inside(tri, np.array([-1.0, 1.0]), np.array([3.0, 1.0]), 0.0)  # type: ignore[misc]
+    assert (lo, hi) == pytest.approx((0.25, 0.5))
+
+
+def test_an_edge_with_two_neighbours_is_covered_whole() -> None:
+    """White box: the neighbour found at the middle of an edge covers part of it; the rest is
+    crossed again (deeper lines may end on an edge when the arrangement is degenerate)."""
+    from rollnet.evaluate import plane
+
+    def region(verts: list[list[float]], labels: list[int]) -> plane._Region:
+        return plane._Region(
+            np.array(verts), np.array(labels, dtype=np.int64), b"", None, np.zeros(2),  # type: ignore[arg-type]
+            np.zeros(1), np.zeros((1, 2)),
+        )
+
+    walk = plane._Walk(None, 10)  # type: ignore[arg-type]
+    # R below b = 0.5; above it two neighbours split at a = 0.3
+    walk.regions = [
+        region([[0, 0], [1, 0], [1, 0.5], [0, 0.5]], [-1, -1, 0, -1]),
+        region([[0.3, 0.5], [1, 0.5], [1, 1], [0.3, 1]], [0, -1, -1, 1]),
+        region([[0, 0.5], [0.3, 0.5], [0.3, 1], [0, 1]], [0, 1, -1, -1]),
+    ]
+    walk.expanded = {0}
+    (task,) = plane._edge_tasks(walk.regions[0])
+    q = task.query()
+    assert q[1] > 0.5 and q[0] == pytest.approx(0.5)  # stepped across the edge's middle
+    rest = walk._cover(task, 1)
+    # the edge runs from (1, 0.5) to (0, 0.5): region 1 covers t in [0, 0.7]
+    left = [t for t in rest if t.start is task.start]
+    assert len(left) == 1 and left[0].t0 == pytest.approx(0.7, abs=1e-9) and left[0].t1 == 1.0
+    assert len(rest) == 1 + len(plane._edge_tasks(walk.regions[1]))  # and region 1's own edges
+    assert 1 in walk.expanded
+    q2 = left[0].query()
+    assert q2[0] < 0.3 and q2[1] > 0.5  # the next step lands in the uncovered part, region 2
+    rest2 = walk._cover(left[0], 2)
+    assert not [t for t in rest2 if t.start is task.start]  # the edge is covered whole
+    assert len(rest2) == len(plane._edge_tasks(walk.regions[2]))
+    # a neighbour that does not reach the crossing point (a thin region stepped over): retried closer
+    far = plane._Task(task.start, task.end, task.outward, 0.7, 1.0)
+    far.query()
+    step = far.step
+    (again,) = walk._cover(far, 1)
+    assert again is far and again.attempt == 1
+    again.query()
+    again.attempt = 2
+    again.query()
+    assert again.step < step
