@@ -195,3 +195,22 @@ def test_a_slice_with_too_many_regions_becomes_a_note(runs, tmp_path):
     assert regions.png is None and "2" in (regions.note or "")
     markup = render_html(report)
     assert "Not drawn: " in markup and markup.count("data:image/png;base64,") == 1
+
+
+def test_image_runs_get_a_plane_slice_and_saliency_maps(tmp_path):
+    from rollnet.plots.report import build_report
+
+    with intra_op_threads(1):
+        cfg = apply_overrides(TrainConfig(), ["name=digits_tiny", "data.name=digits", "model.hidden=[16]",
+                                              "epochs=1", "progress=false", "val_margin_samples=0"])
+        train(cfg, tmp_path / "run", log=lambda m: None)
+        report = build_report([tmp_path / "run"], limit=6, distortion=0.03125, saliency_examples=3,
+                              distortion_options={"n_samples": 8, "population": 8, "generations": 2})
+    titles = [f.title for f in report.figures]
+    assert titles == ["l2 margin distributions", "Plane slice through test image 0 (digits)",
+                      "Saliency maps (digits)"]
+    for figure in report.figures:
+        assert figure.png is not None and figure.png[:8] == b"\x89PNG\r\n\x1a\n", figure.title
+    (dist,) = report.distortions or []
+    assert dist.eps_units == "pixel" and dist.clamp is not None and dist.n == 6
+    assert "worst-case point" in report.figures[2].caption

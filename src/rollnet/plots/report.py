@@ -9,6 +9,10 @@ embedded as base64 PNG data URIs:
 
 - the CDF of every run's l2 margins (:func:`rollnet.plots.plot_margin_cdf`);
 - 2-D runs: their exact linear regions side by side (:func:`rollnet.plots.plot_regions`);
+- image runs: the exact regions of a plane slice through a test image
+  (:func:`rollnet.plots.plane.plot_plane`) and saliency maps of the first test
+  images, with ``distortion`` also at their worst-case points
+  (:func:`rollnet.plots.saliency.plot_saliency`);
 - sequence runs: per-step stability bounds at the P50 and P75 of the l2 margin
   (:func:`rollnet.plots.plot_stability_bounds`).
 
@@ -21,6 +25,7 @@ import base64
 import datetime as _dt
 import html
 import json
+import math
 import re
 import tempfile
 from collections.abc import Callable, Sequence
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from rollnet.train.config import config_to_dict
@@ -249,11 +255,87 @@ def _stability_figure(items: Sequence[tuple[str, LoadedRun, Any, RegionReport]],
                   png, wide=True)
 
 
+def _image_groups(items: Sequence[tuple[str, LoadedRun, Any, RegionReport]], k: int
+                  ) -> list[list[tuple[str, LoadedRun, Any, RegionReport]]]:
+    """Image runs grouped by the examples they are evaluated on (the same first ``k`` images)."""
+    groups: list[list[tuple[str, LoadedRun, Any, RegionReport]]] = []
+    for item in items:
+        x = item[2].x[:k]
+        for group in groups:
+            other = group[0][2].x[:k]
+            if other.shape == x.shape and bool(torch.equal(other.cpu(), x.cpu())):
+                group.append(item)
+                break
+        else:
+            groups.append([item])
+    return groups
+
+
+def _plane_figure(group: Sequence[tuple[str, LoadedRun, Any, RegionReport]], max_regions: int) -> Figure:
+    from rollnet.evaluate.plane import TooManyRegionsError
+    from rollnet.plots.plane import image_plane, plot_plane
+
+    part = group[0][2]
+    x, label = part.x[0], int(part.y[0])
+    margins = [float(rep.per_example["l2"][0]) for _, _, _, rep in group if rep.per_example is not None]
+    finite = [m for m in margins if math.isfinite(m) and m > 0]
+    title = f"Plane slice through test image 0 ({group[0][1].info.name})"
+    units = group[0][1].info.model_units
+    if not finite:
+        return Figure(title, "", None, note="no run has a finite positive l2 margin at this image to size the slice")
+    half = 4.0 * max(finite)
+    caption = (f"The exact linear regions of the plane through the image spanned by the gradient of its true "
+               f"class ({label}) and a random direction (seeded), over the same square of half side {half:.3g} "
+               f"{units} units (4 times the largest l2 margin of the runs) for every run; the dashed circle is "
+               "the certified l2 margin, the black lines the decision boundary.")
+    try:
+        panels = [(name, image_plane(run.model, x.to(run.device), target=label, half_width=half,
+                                     max_regions=max_regions)) for name, run, _, _ in group]
+    except TooManyRegionsError as err:
+        return Figure(title, caption, None, note=str(err), wide=True)
+    png = _png(lambda p: plot_plane(panels, p, units=f"{units} units"))
+    return Figure(title, caption, png, wide=len(panels) > 1)
+
+
+def _saliency_figure(group: Sequence[tuple[str, LoadedRun, Any, RegionReport]], k: int,
+                     dists: dict[str, DistortionReport], options: dict[str, Any]) -> Figure:
+    from rollnet.evaluate import default_explanation
+    from rollnet.plots.saliency import SaliencyColumn, plot_saliency, worst_case_saliency
+    from rollnet.train.distortion_report import pixel_box
+
+    part = group[0][2]
+    x, y = part.x[:k], part.y[:k]
+    columns = []
+    for name, run, _, _ in group:
+        xd, yd = x.to(run.device), y.to(run.device)
+        dist = dists.get(name)
+        if dist is None:
+            columns.append(SaliencyColumn(f"{name}: gradient", default_explanation(run.model, xd, yd).cpu()))
+            continue
+        generator = torch.Generator(device=run.device).manual_seed(int(options.get("seed", 0)))
+        search = {key: options[key] for key in ("population", "generations") if key in options}
+        at_x, at_worst, worst = worst_case_saliency(
+            run.model, xd, yd, dist.eps_model, method=str(options.get("method", "genetic")),
+            budget=options.get("budget"), clamp=pixel_box(run.info), generator=generator, **search)
+        columns.append(SaliencyColumn(f"{name}: gradient", at_x.cpu()))
+        captions = [f"distortion {float(d):.3g}{' (label changed)' if bool(c) else ''}"
+                    for d, c in zip(worst.distortion.cpu(), worst.label_changed.cpu(), strict=True)]
+        columns.append(SaliencyColumn(f"{name}: worst case", at_worst.cpu(), captions))
+    png = _png(lambda p: plot_saliency(x.cpu(), columns, p, row_labels=[f"label {int(v)}" for v in y]))
+    caption = ("Saliency maps (|gradient of the true-class logit| summed over channels, clipped at the 99th "
+               "percentile) of the first test images")
+    if dists:
+        d = next(iter(dists.values()))
+        caption += (f", at the image and at the worst-case point the search found in the l_inf ball of "
+                    f"{d.eps:.4g} {d.eps_units} units (the paper's figure 4)")
+    return Figure(f"Saliency maps ({group[0][1].info.name})", caption + ".", png, wide=True)
+
+
 def build_report(
     paths: Sequence[str | Path], *, split: str = "test", limit: int | None = None,
     distortion: float | None = None, distortion_options: dict[str, Any] | None = None,
     device: str = "cpu", batch_size: int = 250, float64: bool = True, figures: bool = True,
-    command: str | None = None, max_regions: int = 10000, channel: int = 0,
+    command: str | None = None, max_regions: int = 2000, channel: int = 0, saliency_examples: int = 4,
 ) -> Report:
     """Evaluate the runs and draw the pictures of the report.
 
@@ -272,9 +354,10 @@ def build_report(
         float64: certify the margins in float64 (default) or the model's precision.
         figures: draw the pictures (default ``True``).
         command: the command line, shown in the header.
-        max_regions: limit of regions of a 2-D picture; past it the picture
-            is replaced by a note.
+        max_regions: limit of regions of a region picture (2-D runs, image
+            plane slices); past it the picture is replaced by a note (default 2000).
         channel: the channel of the sequence pictures.
+        saliency_examples: images in the saliency picture of image runs (default 4).
 
     Returns:
         The :class:`Report`.
@@ -315,6 +398,14 @@ def build_report(
         seqs = [(n, r, p, rep) for n, r, p, rep in zip(names, loaded, parts, regions, strict=True) if rep.sequence]
         if seqs:
             pictures.append(_stability_figure(seqs, channel))
+        images = [(n, r, p, rep) for n, r, p, rep in zip(names, loaded, parts, regions, strict=True)
+                  if len(r.info.input_shape) == 3 and len(p.x) > 0]
+        by_name = {d.model: d for d in distortions}
+        search = {"method": "genetic", "seed": 0, "population": 4800, "generations": 30,
+                  **{k: v for k, v in (distortion_options or {}).items() if k != "n_samples" and v is not None}}
+        for group in _image_groups(images, saliency_examples):
+            pictures.append(_plane_figure(group, max_regions))
+            pictures.append(_saliency_figure(group, saliency_examples, by_name, search))
     generated = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return Report(runs=runs, regions=regions, distortions=distortions if distortion is not None else None,
                   figures=pictures, split=split, generated=generated, command=command)
@@ -338,7 +429,7 @@ header.top { background: linear-gradient(120deg, #0a2e5c, #0b5cad 70%, #1f7ad1);
 header.top h1 { margin: 0 0 6px; font-size: 30px; font-weight: 650; letter-spacing: -0.01em; }
 header.top .meta { margin: 0; color: #d6e6f7; font-size: 14px; }
 header.top code { background: rgba(255, 255, 255, 0.14); color: #fff; padding: 2px 6px; border-radius: 4px;
-  font-size: 13px; word-break: break-all; }
+  font-size: 13px; overflow-wrap: anywhere; }
 nav.toc { margin-top: 14px; font-size: 14px; }
 nav.toc a { color: #fff; text-decoration: none; margin-right: 18px; border-bottom: 1px solid rgba(255,255,255,.4); }
 main.wrap { padding-bottom: 40px; }
@@ -349,6 +440,10 @@ p.lead { color: var(--muted); margin: 0 0 14px; max-width: 980px; font-size: 15p
   border-top: 5px solid var(--run); box-shadow: 0 1px 2px rgba(31, 35, 40, 0.06); }
 .card h3 { margin: 0 0 2px; font-size: 18px; }
 .card .path { color: var(--muted); font-size: 12.5px; word-break: break-all; margin: 0 0 8px; }
+.stats { display: flex; gap: 10px; margin: 2px 0 10px; }
+.stat { flex: 1 1 0; background: var(--soft); border-radius: 8px; padding: 6px 10px; }
+.stat .value { display: block; font-size: 20px; font-weight: 650; font-variant-numeric: tabular-nums; }
+.stat .label { display: block; font-size: 12px; color: var(--muted); line-height: 1.3; }
 .card dl { display: grid; grid-template-columns: max-content 1fr; gap: 3px 14px; margin: 0 0 8px; font-size: 14px; }
 .card dt { color: var(--muted); }
 .card dd { margin: 0; }
@@ -356,8 +451,8 @@ details { font-size: 13px; margin: 4px 0 6px; }
 details summary { cursor: pointer; color: var(--accent); }
 details pre { background: var(--soft); border-radius: 6px; padding: 10px; overflow-x: auto; max-height: 360px; }
 .table-wrap { overflow-x: auto; border: 1px solid var(--border); border-radius: 10px; }
-table { border-collapse: collapse; width: 100%; font-size: 13.5px; font-variant-numeric: tabular-nums; }
-th, td { padding: 6px 8px; border-bottom: 1px solid var(--border); white-space: nowrap; }
+table { border-collapse: collapse; width: 100%; font-size: 13px; font-variant-numeric: tabular-nums; }
+th, td { padding: 6px 6px; border-bottom: 1px solid var(--border); white-space: nowrap; }
 thead th { background: var(--soft); font-weight: 600; text-align: center; color: #32383f; }
 thead th.group { border-bottom: 1px solid #c7d0d9; }
 thead th.left { text-align: left; }
@@ -454,11 +549,28 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]], colours: dict[str
             f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
-def _card(run: RunSummary, colour: str) -> str:
+def _stats(region: RegionReport | None, dist: DistortionReport | None) -> list[tuple[str, str]]:
+    """The headline numbers of a run's card: accuracy, median l2 margin, median worst-case distortion."""
+    out: list[tuple[str, str]] = []
+    if region is not None:
+        out.append(("accuracy", f"{region.accuracy:.1%}"))
+        units = "pixel" if "pixel" in region.margins else region.model_units
+        p50 = region.margins.get(units, {}).get("l2", {}).get("P50", math.nan)
+        out.append((f"median l2 margin ({units})", f"{p50:.3g}"))
+    if dist is not None:
+        out.append(("median worst-case distortion", f"{dist.worst['P50']:.3g}"))
+    return out
+
+
+def _card(run: RunSummary, colour: str, stats: Sequence[tuple[str, str]] = ()) -> str:
     facts = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in run.facts)
+    tiles = "".join(f'<div class="stat"><span class="value">{_e(v)}</span><span class="label">{_e(k)}</span></div>'
+                    for k, v in stats)
     config = json.dumps(run.config, indent=1)
     return (f'<section class="card run" style="--run: {colour}" data-run="{_e(run.name)}">'
-            f'<h3>{_e(run.name)}</h3><p class="path">{_e(run.manifest)}</p><dl>{facts}</dl>'
+            f'<h3>{_e(run.name)}</h3><p class="path">{_e(run.manifest)}</p>'
+            + (f'<div class="stats">{tiles}</div>' if tiles else "")
+            + f"<dl>{facts}</dl>"
             f"<details><summary>full config</summary><pre>{_e(config)}</pre></details></section>")
 
 
@@ -485,6 +597,8 @@ def render_html(report: Report) -> str:
         (True, True, True)
     """
     colours = {run.name: _TAB10[i % len(_TAB10)] for i, run in enumerate(report.runs)}
+    regions = {r.model: r for r in report.regions}
+    dists = {d.model: d for d in report.distortions or []}
     names = ", ".join(run.name for run in report.runs)
     meta = [f"{len(report.runs)} run{'s' if len(report.runs) != 1 else ''}: {_e(names)}",
             f"{_e(report.split)} split"]
@@ -499,7 +613,8 @@ def render_html(report: Report) -> str:
     toc = ['<a href="#runs">Runs</a>', '<a href="#regions">Regions and margins</a>']
     sections = [
         '<section id="runs"><h2>Runs</h2><div class="cards">'
-        + "".join(_card(run, colours[run.name]) for run in report.runs) + "</div></section>",
+        + "".join(_card(run, colours[run.name], _stats(regions.get(run.name), dists.get(run.name)))
+                  for run in report.runs) + "</div></section>",
     ]
     head, rows = table_rows(report.regions)
     sequence = bool(report.regions) and all(r.sequence for r in report.regions)
