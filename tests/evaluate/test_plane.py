@@ -627,3 +627,27 @@ def test_an_edge_with_two_neighbours_is_covered_whole() -> None:
     again.attempt = 2
     again.query()
     assert again.step < step
+
+
+def test_padded_sequence_with_lengths() -> None:
+    """A recurrent net on a padded sequence: the padded steps' neurons are not neurons (they cut
+    nothing), so the slice equals the slice of the unpadded sequence."""
+    from rollnet.models import ElmanRNN
+
+    torch.manual_seed(13)
+    model = ElmanRNN(3, 5, 2).to(D).eval()
+    gen = torch.Generator().manual_seed(13)
+    x0, u, v = (torch.randn(6, 3, generator=gen, dtype=D) for _ in range(3))
+    lengths = torch.tensor([4])
+    extent = (-1.0, 1.0, -1.0, 1.0)
+    padded = plane_regions(model, x0, u, v, extent, additional_forward_args=(lengths,))
+    alone = plane_regions(model, x0[:4], u[:4], v[:4], extent)
+    assert len(padded) == len(alone) >= 5
+    assert sum(r.area for r in padded) == pytest.approx(4.0, rel=1e-9)
+    for p, q in zip(padded, alone, strict=True):
+        assert torch.allclose(p.vertices, q.vertices, atol=1e-12)
+    ab = torch.stack([r.point for r in padded])
+    pats = rollnet.activation_pattern(
+        model, _inputs(x0, u, v, ab), additional_forward_args=(lengths.expand(len(padded)),)
+    )
+    assert [pats[i] for i in range(len(padded))] == [r.pattern for r in padded]
