@@ -276,7 +276,7 @@ class _Slice:
         self.model = model
         self.x0, self.u, self.v = x0, u, v
         a_min, a_max, b_min, b_max = extent
-        self.origin = (a_min, b_min)
+        self.extent = extent
         self.widths = (a_max - a_min, b_max - b_min)
         self.args = args
         self.memory_budget = memory_budget
@@ -288,10 +288,11 @@ class _Slice:
         self.plan_points = 0
 
     def to_plane(self, unit: Array) -> Array:
-        """Unit-square points ``[m, 2]`` to ``(a, b)``."""
-        return np.stack(
-            [self.origin[0] + unit[:, 0] * self.widths[0], self.origin[1] + unit[:, 1] * self.widths[1]], axis=1
-        )
+        """Unit-square points ``[m, 2]`` to ``(a, b)`` (the rectangle's sides exactly at 0 and 1)."""
+        (a_min, a_max, b_min, b_max) = self.extent
+        a = a_min * (1.0 - unit[:, 0]) + a_max * unit[:, 0]
+        b = b_min * (1.0 - unit[:, 1]) + b_max * unit[:, 1]
+        return np.stack([a, b], axis=1)
 
     def inputs(self, unit: Array) -> Tensor:
         """``[m, *input_shape]`` the inputs at unit-square points."""
