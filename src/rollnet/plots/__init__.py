@@ -1,6 +1,7 @@
 """Pictures of certificates (matplotlib, the ``plots`` extra)."""
 
 from rollnet.plots.margins import MarginCurve, margin_cdf, plot_margin_cdf
+from rollnet.plots.plane import ImagePlane, image_plane, plot_plane
 from rollnet.plots.regions import (
     RegionPolygons,
     adjacency,
@@ -15,14 +16,17 @@ from rollnet.plots.stability import BoundsCurve, plot_stability_bounds
 
 __all__ = [
     "BoundsCurve",
+    "ImagePlane",
     "MarginCurve",
     "RegionPolygons",
     "SaliencyColumn",
     "adjacency",
     "colour_regions",
     "draw_regions",
+    "image_plane",
     "margin_cdf",
     "plot_margin_cdf",
+    "plot_plane",
     "plot_regions",
     "plot_saliency",
     "plot_stability_bounds",

@@ -107,33 +107,61 @@ def _as_array(v: Any) -> Array:
     return np.asarray(v, dtype=np.float64)
 
 
-def _distances(points: Array, starts: Array, ends: Array) -> Array:
-    """``[m, k]`` distances from ``m`` points to ``k`` segments."""
-    d = ends - starts  # [k, 2]
-    length2 = (d * d).sum(axis=1)  # [k]
-    rel = points[:, None, :] - starts[None, :, :]  # [m, k, 2]
-    t = np.where(length2 > 0, (rel * d[None]).sum(axis=2) / np.where(length2 > 0, length2, 1.0), 0.0)
-    t = np.clip(t, 0.0, 1.0)
-    nearest = starts[None] + t[..., None] * d[None]
-    return np.hypot(*(points[:, None, :] - nearest).transpose(2, 0, 1))
+def _contacts(polygons: Sequence[Array], tol: float) -> tuple[NDArray[np.int64], NDArray[np.int64], Array]:
+    """Every (vertex of polygon i, edge of polygon j != i) within ``tol`` of each other.
 
+    Edges are bucketed in a uniform grid (cells about twice the median edge
+    length), each vertex is tested against the edges of its own cell only:
+    ``O(vertices x edges per cell)``, vectorised.
 
-def _shares_edge(p: Array, q: Array, tol: float) -> bool:
-    """Whether convex polygons ``p`` and ``q`` (disjoint interiors) share a boundary segment
-    longer than ``tol``: their contact points (vertices of one on an edge of the other)
-    span more than ``tol``."""
-    contacts = []
-    for a, b in ((p, q), (q, p)):
-        near = _distances(a, b, np.roll(b, -1, axis=0)).min(axis=1) <= tol
-        contacts.append(a[near])
-    c = np.concatenate(contacts)
-    if c.shape[0] < 2:
-        return False
-    return bool(np.hypot(*(c[:, None, :] - c[None, :, :]).transpose(2, 0, 1)).max() > tol)
+    Returns:
+        ``(i, j, points)``: ``[C]`` owners of the vertex and of the edge, ``[C, 2]`` the vertex.
+    """
+    sizes = np.array([p.shape[0] for p in polygons], dtype=np.int64)
+    owner = np.repeat(np.arange(len(polygons), dtype=np.int64), sizes)
+    starts = np.concatenate(polygons)
+    ends = np.concatenate([np.roll(p, -1, axis=0) for p in polygons])
+    lengths = np.hypot(*(ends - starts).T)
+    cell = 2.0 * max(float(np.median(lengths)), 1e3 * tol)
+    origin = starts.min(axis=0) - 2 * tol
+    lo = np.floor((np.minimum(starts, ends) - tol - origin) / cell).astype(np.int64)
+    hi = np.floor((np.maximum(starts, ends) + tol - origin) / cell).astype(np.int64)
+    width = int(max(hi[:, 0].max(), np.floor((starts[:, 0].max() - origin[0]) / cell))) + 1
+    # (edge, cell) entries: every cell of each edge's bounding box
+    nx, ny = hi[:, 0] - lo[:, 0] + 1, hi[:, 1] - lo[:, 1] + 1
+    counts = nx * ny
+    edge_of = np.repeat(np.arange(starts.shape[0], dtype=np.int64), counts)
+    k = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    cx = lo[edge_of, 0] + k % nx[edge_of]
+    cy = lo[edge_of, 1] + k // nx[edge_of]
+    key = cy * width + cx
+    order = np.argsort(key, kind="stable")
+    key, edge_of = key[order], edge_of[order]
+    # each vertex against the edges of its cell
+    vcell = np.floor((starts - origin) / cell).astype(np.int64)
+    vkey = vcell[:, 1] * width + vcell[:, 0]
+    first = np.searchsorted(key, vkey, side="left")
+    last = np.searchsorted(key, vkey, side="right")
+    per = last - first
+    vertex = np.repeat(np.arange(starts.shape[0], dtype=np.int64), per)
+    offset = np.arange(int(per.sum()), dtype=np.int64) - np.repeat(np.cumsum(per) - per, per)
+    edge = edge_of[np.repeat(first, per) + offset]
+    keep = owner[vertex] != owner[edge]
+    vertex, edge = vertex[keep], edge[keep]
+    a, d, x = starts[edge], ends[edge] - starts[edge], starts[vertex]
+    length2 = (d * d).sum(axis=1)
+    t = np.clip(((x - a) * d).sum(axis=1) / np.where(length2 > 0, length2, 1.0), 0.0, 1.0)
+    near = np.hypot(*(x - a - t[:, None] * d).T) <= tol
+    return owner[vertex[near]], owner[edge[near]], x[near]
 
 
 def adjacency(polygons: Sequence[Array], tol: float) -> list[set[int]]:
     """Which polygons share an edge (a boundary segment longer than ``tol``).
+
+    Two convex polygons with disjoint interiors share a segment exactly when
+    their contact points (vertices of one lying on an edge of the other) span
+    more than ``tol``; a shared corner alone does not count.  T-junctions (a
+    vertex of one polygon inside another's edge) are handled.
 
     Args:
         polygons: ``[n_i, 2]`` convex polygons with disjoint interiors (a tiling).
@@ -150,17 +178,20 @@ def adjacency(polygons: Sequence[Array], tol: float) -> list[set[int]]:
     neighbours: list[set[int]] = [set() for _ in range(n)]
     if n < 2:
         return neighbours
-    boxes = np.array([[p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()] for p in polygons])
-    lo, hi = boxes[:, :2] - tol, boxes[:, 2:] + tol
-    for start in range(0, n, 512):
-        rows = slice(start, min(start + 512, n))
-        overlap = ((lo[rows, None, :] <= hi[None, :, :]) & (lo[None, :, :] <= hi[rows, None, :])).all(axis=2)
-        for i, j in zip(*np.nonzero(overlap), strict=True):
-            i = int(i) + start
-            j = int(j)
-            if j > i and _shares_edge(polygons[i], polygons[j], tol):
-                neighbours[i].add(j)
-                neighbours[j].add(i)
+    i, j, points = _contacts(polygons, tol)
+    if i.size == 0:
+        return neighbours
+    lo, hi = np.minimum(i, j), np.maximum(i, j)
+    pair = lo * n + hi
+    order = np.argsort(pair, kind="stable")
+    pair, points = pair[order], points[order]
+    cut = np.flatnonzero(np.diff(pair)) + 1
+    heads = np.concatenate([[0], cut])
+    span = np.hypot(*(np.maximum.reduceat(points, heads) - np.minimum.reduceat(points, heads)).T)
+    for p in pair[heads][span > tol].tolist():
+        a, b = divmod(int(p), n)
+        neighbours[a].add(b)
+        neighbours[b].add(a)
     return neighbours
 
 
