@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--float32", action="store_true", help="certify in float32 (default: float64, exact)")
     r.add_argument("--batch-size", type=int, default=250, help="examples per pass")
     r.add_argument("--channel", type=int, default=0, help="sequence runs: the channel drawn (default 0)")
+    r.add_argument("--no-pictures", action="store_true", help="tables only (pictures can take minutes for ResNets)")
     _distortion_options(r)
     return parser
 
@@ -123,7 +124,8 @@ def _report(args: argparse.Namespace) -> int:
     command = "rollnet " + " ".join(shlex.quote(a) for a in (args.argv or []))
     out = write_report(args.runs, args.output, split=args.split, limit=args.limit, distortion=args.distortion,
                        distortion_options=options, device=args.device, batch_size=args.batch_size,
-                       float64=not args.float32, command=command, channel=args.channel)
+                       float64=not args.float32, command=command, channel=args.channel,
+                       figures=not args.no_pictures)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
