@@ -380,6 +380,26 @@ def test_max_unit_models_tile_with_their_patterns(name: str) -> None:
     check_affine(model, x0, u, v, regions)
 
 
+def test_conv_net_through_a_real_digit() -> None:
+    """A plane through a test image of the digits data, spanned by its gradient and a random
+    direction (the issue's example), on the conv/BatchNorm zoo net."""
+    from rollnet.data import load_dataset
+
+    model, _ = zoo.make("conv_bn")
+    x0 = load_dataset("digits").test.x[0].to(D)
+    x = x0.unsqueeze(0).clone().requires_grad_()
+    out = model(x)[0]
+    (g,) = torch.autograd.grad(out[int(out.argmax())], x)
+    u = g[0] / g.norm()
+    v = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0), dtype=D)
+    v = v - (v * u).sum() * u
+    v = v / v.norm()
+    regions = plane_regions(model, x0, u, v, (-2.0, 2.0, -2.0, 2.0))
+    assert len(regions) >= 20
+    check_tiling(model, x0, u, v, regions, points_per_region=2)
+    check_affine(model, x0, u, v, regions)
+
+
 @pytest.mark.slow
 def test_resnet18_on_a_28x28_image() -> None:
     from rollnet.models import resnet18
