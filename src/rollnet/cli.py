@@ -5,6 +5,11 @@
     rollnet train CONFIG [--set key=value ...] [--resume] [--out DIR]
     rollnet evaluate CHECKPOINT [CHECKPOINT ...] [--split test] [--limit N] [--out DIR] [--distortion EPS]
     rollnet report RUN_DIR [RUN_DIR ...] -o report.html [--split test] [--limit N] [--distortion EPS]
+    rollnet plot regions RUN [RUN ...] -o FILE.png
+    rollnet plot margins RUN [RUN ...] -o FILE.png [--norm l2] [--split test] [--limit N]
+    rollnet plot saliency VANILLA_RUN ROLL_RUN -o FILE.png [--eps E] [--examples K] [--budget N]
+    rollnet plot plane RUN [RUN ...] -o FILE.png [--example I] [--scale S | --half-width W]
+    rollnet plot stability RUN [RUN ...] -o FILE.png [--channel C]
 
 ``evaluate`` prints one table for all the checkpoints given (one row per
 model).  For sequence models it also draws, for each model, one channel's
@@ -13,6 +18,9 @@ the l2 margin (``stability-<split>.png``, the paper's figure 3).  With
 ``--distortion EPS`` it adds the paper's Caltech table (P@1, P@5, expected and
 worst-case gradient distortion, label changes).  ``report`` writes one
 self-contained HTML page with the tables and pictures of several runs.
+``plot`` draws one picture (:mod:`rollnet.plots.runs`): exact regions of 2-D
+runs, margin CDFs, saliency maps at worst-case perturbations, the plane
+through a test image with its exact regions, stability bounds of sequences.
 
 Exit status: 0 done, 1 error (bad config, missing data, damaged
 checkpoint), 3 training diverged, 130 interrupted by Ctrl-C (checkpoint saved).
@@ -73,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--channel", type=int, default=0, help="sequence runs: the channel drawn (default 0)")
     r.add_argument("--no-pictures", action="store_true", help="tables only (pictures can take minutes for ResNets)")
     _distortion_options(r)
+    _plot_parser(sub)
     return parser
 
 
@@ -197,6 +206,84 @@ def _stability_figure(args: argparse.Namespace, reports: list[RegionReport], pat
     return plot_stability_bounds(panels, path, channel=args.channel, units=f"{units} units")
 
 
+def _plot_parser(sub: Any) -> None:
+    """``rollnet plot {regions,margins,saliency,plane,stability} RUN ... -o FILE.png``."""
+    p = sub.add_parser("plot", help="draw a picture of trained runs (PNG)")
+    kinds = p.add_subparsers(dest="picture", required=True)
+
+    def common(q: argparse.ArgumentParser, runs: str, nargs: str | int = "+") -> None:
+        q.add_argument("runs", type=Path, nargs=nargs, help=runs)
+        q.add_argument("-o", "--output", type=Path, required=True, help="the PNG to write")
+        q.add_argument("--device", default="cpu", help="cpu or cuda")
+
+    q = kinds.add_parser("regions", help="exact linear regions of 2-D runs side by side (the paper's figure 1)")
+    common(q, "run directories or manifests of models with 2-D input")
+    q.add_argument("--max-regions", type=int, default=100000, help="most regions per run (default 100000)")
+
+    q = kinds.add_parser("margins", help="CDF of the per-example margins of several runs (log scale)")
+    common(q, "run directories or manifests")
+    q.add_argument("--norm", default="l2", choices=["l1", "l2", "linf"], help="margin norm (default l2)")
+    q.add_argument("--split", default="test", choices=["test", "val", "train"], help="split (default test)")
+    q.add_argument("--limit", type=int, default=None, help="only the first N examples of the split")
+
+    q = kinds.add_parser("saliency", help="saliency maps at test images and at their worst cases, vanilla vs ROLL")
+    common(q, "VANILLA_RUN ROLL_RUN", nargs=2)
+    q.add_argument("--eps", type=float, default=8 / 256,
+                   help="l_inf radius, in pixel units [0, 1] for images (default 8/256, the paper's)")
+    q.add_argument("--examples", type=int, default=4, help="the first K images of the split (default 4)")
+    q.add_argument("--budget", type=int, default=None,
+                   help="model evaluations per example of the worst-case search (default: the paper's 112,800)")
+    q.add_argument("--method", default="genetic", help="worst-case search method (default genetic)")
+    q.add_argument("--split", default="test", choices=["test", "val", "train"], help="split (default test)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the search (default 0)")
+
+    q = kinds.add_parser("plane", help="plane through a test image (gradient x random direction), exact regions")
+    common(q, "run directories or manifests (one panel each)")
+    q.add_argument("--example", type=int, default=0, help="index of the image in the split (default 0)")
+    q.add_argument("--split", default="test", choices=["test", "val", "train"], help="split (default test)")
+    q.add_argument("--scale", type=float, default=8.0, help="half side in multiples of the image's l2 margin")
+    q.add_argument("--half-width", type=float, default=None,
+                   help="half side in the model's input units instead (the same for every run)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the random direction (default 0)")
+    q.add_argument("--max-regions", type=int, default=10000, help="most regions per panel (default 10000)")
+
+    q = kinds.add_parser("stability", help="per-time-step stability bounds of sequences (the paper's figure 3)")
+    common(q, "run directories or manifests of sequence models")
+    q.add_argument("--split", default="test", choices=["test", "val", "train"], help="split (default test)")
+    q.add_argument("--limit", type=int, default=None, help="only the first N sequences of the split")
+    q.add_argument("--channel", type=int, default=0, help="the channel drawn (default 0)")
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from rollnet.plots import runs as figures
+
+    if getattr(args, "limit", None) is not None and args.limit < 1:
+        raise ValueError(f"--limit must be positive, got {args.limit}")
+    if args.picture == "regions":
+        path = figures.regions_figure(args.runs, args.output, max_regions=args.max_regions, device=args.device)
+    elif args.picture == "margins":
+        path = figures.margins_figure(args.runs, args.output, norm=args.norm, split=args.split, limit=args.limit,
+                                      device=args.device)
+    elif args.picture == "saliency":
+        path = figures.saliency_figure(args.runs[0], args.runs[1], args.output, eps=args.eps,
+                                       examples=args.examples, budget=args.budget, method=args.method,
+                                       split=args.split, seed=args.seed, device=args.device)
+    elif args.picture == "plane":
+        path = figures.plane_figure(args.runs, args.output, example=args.example, split=args.split,
+                                    scale=args.scale, half_width=args.half_width, seed=args.seed,
+                                    max_regions=args.max_regions, device=args.device)
+    else:
+        from rollnet.train.evaluation import evaluate_checkpoint
+
+        reports = [evaluate_checkpoint(r, split=args.split, limit=args.limit, device=args.device) for r in args.runs]
+        if not all(r.sequence for r in reports):
+            raise ValueError("the stability picture needs sequence runs (inputs [T, C] with lengths)")
+        args.checkpoints = args.runs
+        path = _stability_figure(args, reports, args.output)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (see the module docstring)."""
     from rollnet.data import DataSetMissingError
@@ -209,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "plot":
+            return _plot(args)
         return _evaluate(args)
     except (ConfigError, CheckpointError, DataSetMissingError, ValueError) as err:
         print(f"rollnet: error: {err}", file=sys.stderr)

@@ -67,7 +67,7 @@ def test_draw_regions_draws_exactly_one_polygon_per_region() -> None:
 def test_plot_regions_side_by_side(tmp_path) -> None:
     out = plot_regions([("vanilla", arrangement(30, 0)), ("ROLL", arrangement(5, 1))], tmp_path / "a" / "r.png",
                        points=torch.rand(50, 2), labels=(torch.rand(50) > 0.5).long())
-    assert png_size(out) == (1152, 528)
+    assert png_size(out) == (1152, 684)  # 4.8 in per panel, square axes plus titles, 120 dpi
     assert distinct_colours(out) > 30
 
 

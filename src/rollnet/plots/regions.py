@@ -367,7 +367,9 @@ def plot_regions(
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.4), squeeze=False)
+    a0, a1, b0, b1 = _extent(panels[0][1])
+    height = min(max(4.8 * (b1 - b0) / (a1 - a0), 2.0), 6.0) + 0.9  # the axes' aspect, plus titles
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), height), squeeze=False)
     try:
         for ax, (title, regions) in zip(axes[0], panels, strict=True):
             draw_regions(ax, regions, points=points, labels=labels)
