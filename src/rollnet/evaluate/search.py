@@ -98,7 +98,7 @@ def genetic(scorer: Scorer, ball: Ball, budget: int | None, population: int, gen
 # ---------------------------------------------------------------------------
 # the smoothed surrogate
 
-_RELU = {F.relu, torch.relu, torch.Tensor.relu, torch.nn.functional.relu}
+_RELU = {F.relu, torch.relu, torch.Tensor.relu}
 _RELU_IN_PLACE = {torch.relu_, torch.Tensor.relu_, F.relu_}
 _LEAKY = {F.leaky_relu, torch._C._nn.leaky_relu}
 _LEAKY_IN_PLACE = {F.leaky_relu_, torch._C._nn.leaky_relu_}
@@ -130,22 +130,35 @@ class _Smooth(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func in _RELU or func in _LEAKY:
-            if func in _RELU:
-                slope = 0.0
-            else:
-                slope = float(args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01))
-            inplace = bool(args[2] if len(args) > 2 else kwargs.get("inplace", False)) if func in _LEAKY else (
-                bool(args[1] if len(args) > 1 else kwargs.get("inplace", False)) if func is F.relu else False)
-            z = args[0]
-            if inplace:
-                return z.copy_(self._soft(z.clone(), slope))
-            return self._soft(z, slope)
-        if func in _RELU_IN_PLACE or func in _LEAKY_IN_PLACE:
-            z = args[0]
-            slope = 0.0 if func in _RELU_IN_PLACE else float(args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01))
+        kind = _activation_call(func, args, kwargs)
+        if kind is None:
+            return func(*args, **kwargs)
+        slope, inplace = kind
+        z = args[0] if args else kwargs["input"]
+        if inplace:  # the result replaces z, as the in-place call would; autograd sees a copy
             return z.copy_(self._soft(z.clone(), slope))
-        return func(*args, **kwargs)
+        return self._soft(z, slope)
+
+
+def _activation_call(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[float, bool] | None:
+    """``(negative slope, in place)`` of a ReLU / LeakyReLU call, None for any other function."""
+
+    def arg(i: int, name: str, default: Any) -> Any:
+        return args[i] if len(args) > i else kwargs.get(name, default)
+
+    if func in _RELU_IN_PLACE:
+        return 0.0, True
+    if func is F.relu:
+        return 0.0, bool(arg(1, "inplace", False))
+    if func in _RELU:
+        return 0.0, False
+    if func in _LEAKY_IN_PLACE:
+        return float(arg(1, "negative_slope", 0.01)), True
+    if func is F.leaky_relu:
+        return float(arg(1, "negative_slope", 0.01)), bool(arg(2, "inplace", False))
+    if func in _LEAKY:
+        return float(arg(1, "negative_slope", 0.01)), False
+    return None
 
 
 @contextmanager
@@ -189,8 +202,9 @@ def surrogate(scorer: Scorer, ball: Ball, budget: int | None, chains: int, steps
     gradient of its l1 distance to the exact explanation at x (autograd
     through the explanation); steps by ``step_size * eps`` (decaying linearly
     to a tenth) along the lp steepest-ascent direction, projects into the set,
-    and scores the new point on the exact network.  Cost: 2 evaluations per
-    chain and step (one surrogate explanation, one exact).
+    and scores the new point on the exact network.  Cost: 3 evaluations per
+    chain and step: 2 for the surrogate step (its explanation, one forward and
+    backward pass, and the backward pass through that) and 1 for the exact score.
     """
     x = ball.x
     best = Best(x)
@@ -199,7 +213,7 @@ def surrogate(scorer: Scorer, ball: Ball, budget: int | None, chains: int, steps
     cur = ball.sample(chains, generator)
     rows = torch.arange(b, device=x.device)
     for t in range(steps):
-        if _left(scorer, budget) < 2 * chains:
+        if _left(scorer, budget) < 3 * chains:
             break
         grad = _surrogate_gradient(scorer, cur, tau)
         scale = step_size * ball.eps * (1.0 - 0.9 * t / max(1, steps - 1))
@@ -235,5 +249,5 @@ def _surrogate_gradient(scorer: Scorer, pts: Tensor, tau: Tensor) -> Tensor:
             obj = (got.flatten(1) - scorer.reference[idx]).abs().sum()
             (g,) = torch.autograd.grad(obj, inp, allow_unused=True)
         grads.append(torch.zeros_like(inp) if g is None else g.detach())
-    scorer.evaluations += n
+    scorer.evaluations += 2 * n  # forward + backward, and the backward through them
     return torch.cat(grads).reshape(pts.shape)
