@@ -241,7 +241,8 @@ def _plot_parser(sub: Any) -> None:
     common(q, "run directories or manifests (one panel each)")
     q.add_argument("--example", type=int, default=0, help="index of the image in the split (default 0)")
     q.add_argument("--split", default="test", choices=["test", "val", "train"], help="split (default test)")
-    q.add_argument("--scale", type=float, default=8.0, help="half side in multiples of the image's l2 margin")
+    q.add_argument("--scale", type=float, default=100.0,
+                   help="half side in multiples of the image's l2 margin (default 100)")
     q.add_argument("--half-width", type=float, default=None,
                    help="half side in the model's input units instead (the same for every run)")
     q.add_argument("--seed", type=int, default=0, help="seed of the random direction (default 0)")

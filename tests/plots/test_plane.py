@@ -75,7 +75,7 @@ def test_refuses_bad_input(net) -> None:
     with torch.no_grad():
         for w in zero.parameters():
             w.zero_()
-    with pytest.raises(ValueError, match="gradient of logit .* is zero"):
+    with pytest.raises(ValueError, match=r"gradient of logit .* is zero"):
         image_plane(zero, x)
     with pytest.raises(ValueError, match="no panels"):
         plot_plane([], "unused.png")
@@ -83,7 +83,7 @@ def test_refuses_bad_input(net) -> None:
 
 def test_plot_plane_side_by_side(net, tmp_path) -> None:
     x = torch.rand(1, 5, 5, generator=torch.Generator().manual_seed(5))
-    panels = [("scale 8", image_plane(net, x)), ("scale 3", image_plane(net, x, scale=3.0))]
+    panels = [("scale 8", image_plane(net, x, scale=8.0)), ("scale 3", image_plane(net, x, scale=3.0))]
     assert len(panels[0][1].regions) > len(panels[1][1].regions) >= 1
     out = plot_plane(panels, tmp_path / "p" / "plane.png")
     assert png_size(out) == (1152, 552)

@@ -176,6 +176,8 @@ def saliency_figure(
     part = _split(runs[0], split, examples)
     x, y = part.x.to(runs[0].device), part.y.to(runs[0].device)
     factor, clamp = _pixel_box(runs[0].info)
+    if clamp is not None:  # the data's own rounding of pixels 0 and 1 stays inside the box
+        clamp = (min(clamp[0], float(x.min())), max(clamp[1], float(x.max())))
     columns = []
     for run in runs:
         gen = torch.Generator(device=run.device).manual_seed(seed)
@@ -195,7 +197,7 @@ def saliency_figure(
 
 
 def plane_figure(
-    runs: Sequence[str | Path], path: str | Path, *, example: int = 0, split: str = "test", scale: float = 8.0,
+    runs: Sequence[str | Path], path: str | Path, *, example: int = 0, split: str = "test", scale: float = 100.0,
     half_width: float | None = None, seed: int = 0, max_regions: int = 10000, device: str = "cpu",
 ) -> Path:
     """The plane through one test image of each run, spanned by its gradient and a seeded random
