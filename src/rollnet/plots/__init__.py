@@ -2,6 +2,7 @@
 
 from rollnet.plots.margins import MarginCurve, margin_cdf, plot_margin_cdf
 from rollnet.plots.plane import ImagePlane, image_plane, plot_plane
+from rollnet.plots.png import save_png
 from rollnet.plots.regions import (
     RegionPolygons,
     adjacency,
@@ -32,6 +33,7 @@ __all__ = [
     "plot_stability_bounds",
     "region_polygons",
     "saliency_map",
+    "save_png",
     "toy_slice",
     "worst_case_saliency",
 ]

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from rollnet.plots.png import save_png
 from rollnet.train.metrics import percentiles
 
 __all__ = ["MarginCurve", "margin_cdf", "plot_margin_cdf"]
@@ -137,6 +138,6 @@ def plot_margin_cdf(
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize="small", loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path, dpi=120)
     plt.close(fig)
     return path

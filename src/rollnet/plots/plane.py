@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from rollnet.engine.modes import eval_mode
+from rollnet.plots.png import save_png
 from rollnet.plots.regions import SliceLike, draw_regions
 
 __all__ = ["ImagePlane", "image_plane", "plot_plane"]
@@ -176,7 +177,7 @@ def plot_plane(
             ax.legend(fontsize="x-small", loc="upper right", framealpha=0.85)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        save_png(fig, path, dpi=120)
     finally:
         plt.close(fig)
     return path

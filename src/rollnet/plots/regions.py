@@ -25,6 +25,8 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
+from rollnet.plots.png import save_png
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.collections import LineCollection, PolyCollection
@@ -378,7 +380,7 @@ def plot_regions(
             ax.set_ylabel(axis_labels[1])
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        save_png(fig, path, dpi=120)
     finally:
         plt.close(fig)
     return path

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from rollnet.engine.modes import eval_mode
+from rollnet.plots.png import save_png
 
 __all__ = ["SaliencyColumn", "plot_saliency", "saliency_map", "worst_case_saliency"]
 
@@ -165,7 +166,7 @@ def plot_saliency(
             ax.set_yticks([])
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        save_png(fig, path, dpi=110)
     finally:
         plt.close(fig)
     return path
