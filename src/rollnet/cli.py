@@ -230,7 +230,7 @@ def _plot_parser(sub: Any) -> None:
     common(q, "VANILLA_RUN ROLL_RUN", nargs=2)
     q.add_argument("--eps", type=float, default=8 / 256,
                    help="l_inf radius, in pixel units [0, 1] for images (default 8/256, the paper's)")
-    q.add_argument("--examples", type=int, default=4, help="the first K images of the split (default 4)")
+    q.add_argument("--examples", type=int, default=4, help="K images evenly spaced through the split (default 4)")
     q.add_argument("--budget", type=int, default=None,
                    help="model evaluations per example of the worst-case search (default: the paper's 112,800)")
     q.add_argument("--method", default="genetic", help="worst-case search method (default genetic)")

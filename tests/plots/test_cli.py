@@ -89,6 +89,8 @@ def test_errors_name_their_cause(moons, digits, tmp_path, capsys) -> None:
         (["plot", "saliency", str(moons[0]), str(digits[1]), "-o", out], "trained on different data"),
         (["plot", "saliency", str(digits[0]), str(digits[1]), "-o", out, "--eps", "0"], "eps must be a positive"),
         (["plot", "plane", str(digits[0]), "-o", out, "--example", "100000"], "example must lie in"),
+        (["plot", "saliency", str(digits[0]), str(digits[1]), "-o", out, "--examples", "100000"],
+         "examples must be at most"),
         (["plot", "margins", str(moons[0]), "-o", out, "--limit", "0"], "--limit must be positive"),
         (["plot", "margins", str(tmp_path / "missing"), "-o", out], "missing"),
         (["plot", "plane", str(digits[0]), "-o", out, "--max-regions", "1"], "max_regions=1"),

@@ -153,7 +153,8 @@ def saliency_figure(
         path: the PNG to write.
         eps: l_inf radius in pixel units ``[0, 1]`` for image data (converted to the model's
             units), in the model's units otherwise; default 8/256 (the paper's).
-        examples: the first ``examples`` images of the split.
+        examples: how many images: ``examples`` evenly spaced through the split (indices
+            ``i * n // examples``), so a split sorted by label shows several classes.
         budget: most model evaluations per example (default: the search's own sizes, 112,800
             for the paper's genetic search).
         method: ``"genetic"`` or another method of :func:`rollnet.evaluate.max_gradient_distortion`.
@@ -173,8 +174,12 @@ def saliency_figure(
     runs = [load_run(vanilla, device), load_run(roll, device)]
     if runs[0].info != runs[1].info:
         raise ValueError(f"the runs were trained on different data: {runs[0].info} and {runs[1].info}")
-    part = _split(runs[0], split, examples)
-    x, y = part.x.to(runs[0].device), part.y.to(runs[0].device)
+    part = _split(runs[0], split)
+    n = part.x.shape[0]
+    if examples > n:
+        raise ValueError(f"examples must be at most {n}, the size of the {split} split, got {examples}")
+    pick = torch.arange(examples) * n // examples  # spread over the split (test sets may be sorted by label)
+    x, y = part.x[pick].to(runs[0].device), part.y[pick].to(runs[0].device)
     factor, clamp = _pixel_box(runs[0].info)
     if clamp is not None:  # the data's own rounding of pixels 0 and 1 stays inside the box
         clamp = (min(clamp[0], float(x.min())), max(clamp[1], float(x.max())))
@@ -193,7 +198,8 @@ def saliency_figure(
     if len(shape) == 1:  # flat inputs: shown as a row of pixels
         images = images.reshape(x.shape[0], 1, 1, shape[0])
         columns = [SaliencyColumn(c.title, c.attributions.reshape(images.shape), c.captions) for c in columns]
-    return plot_saliency(images, columns, path, row_labels=[f"label {int(t)}" for t in y.cpu()])
+    labels = [f"{split} {int(i)}, label {int(t)}" for i, t in zip(pick, y.cpu(), strict=True)]
+    return plot_saliency(images, columns, path, row_labels=labels)
 
 
 def plane_figure(
