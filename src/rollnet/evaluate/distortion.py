@@ -218,7 +218,8 @@ def max_gradient_distortion(
         rounds that keep the best fraction ``keep`` and refill the population with
         random convex combinations of two kept parents, projected back into the
         set, no mutation.  Cost: ``population + generations * (population - kept)``
-        evaluations (112,800 at the paper's sizes), cut at ``budget``.
+        evaluations (112,800 at the paper's sizes), cut at ``budget``.  It holds
+        ``B * population`` points at once (search few examples at a time on large inputs).
 
         ``"surrogate"``: projected steepest ascent from ``chains`` uniform starting
         points on a smoothed surrogate: each ReLU / LeakyReLU call becomes
