@@ -502,8 +502,19 @@ def test_smoothing_swaps_every_relu_and_leaky_relu_form() -> None:
 
 
 def test_bad_generator_refused() -> None:
-    with pytest.raises(ValueError, match="generator must be a torch.Generator"):
+    with pytest.raises(ValueError, match=r"generator must be a torch\.Generator"):
         gradient_distortion(mlp(0), torch.randn(1, 6), 0, 0.1, generator=3)  # type: ignore[arg-type]
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="x's device"):
             gradient_distortion(mlp(0), torch.randn(1, 6), 0, 0.1, generator=torch.Generator("cuda"))
+
+
+def test_input_that_requires_grad_is_treated_as_data() -> None:
+    net = mlp(12)
+    x = torch.randn(2, 6)
+    plain = gradient_distortion(net, x, 0, 0.5, n_samples=40, generator=gen())
+    tracked = gradient_distortion(net, x.clone().requires_grad_(True), 0, 0.5, n_samples=40, generator=gen())
+    assert torch.equal(plain, tracked) and not tracked.requires_grad
+    w = max_gradient_distortion(net, x.clone().requires_grad_(True), 0, 0.5, budget=50, population=20,
+                                generator=gen())
+    assert not w.x.requires_grad and not w.distortion.requires_grad

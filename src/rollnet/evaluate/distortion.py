@@ -57,7 +57,7 @@ def _setup(model: nn.Module, x: Any, eps: Any, p: Norm, clamp: Clamp, additional
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     pn = parse_norm(p)
-    x = check_input(x)
+    x = check_input(x).detach()  # the points are data: no graph back to the caller's x
     eps = check_eps(eps)
     box = check_clamp(clamp, x)
     args = check_forward_args(additional_forward_args, x)

@@ -145,7 +145,6 @@ class Scorer:
         self.x = x
         self.args = args
         self.chunk = chunk
-        self.custom = explain is not None
         self.explain: Explanation = explain if explain is not None else default_explanation
         self.evaluations = 0
         with torch.no_grad():
