@@ -518,3 +518,20 @@ def test_input_that_requires_grad_is_treated_as_data() -> None:
     w = max_gradient_distortion(net, x.clone().requires_grad_(True), 0, 0.5, budget=50, population=20,
                                 generator=gen())
     assert not w.x.requires_grad and not w.distortion.requires_grad
+
+
+def test_box_widened_for_rounding_of_normalised_data() -> None:
+    # MNIST's normalised black pixel, (0 - 0.1307) / 0.3081 in float32, is an ulp below the float32 of the
+    # float64 bound: accepted, and no point goes below min(lo, x)
+    lo, hi = (0 - 0.1307) / 0.3081, (1 - 0.1307) / 0.3081
+    x = torch.full((2, 6), lo, dtype=torch.float32)
+    x = torch.nextafter(x, torch.tensor(-math.inf))
+    x[:, 3:] = 0.5
+    assert bool((x[:, 0] < torch.tensor(lo, dtype=torch.float32)).all())
+    for p in NORMS:
+        w = max_gradient_distortion(mlp(0), x, 0, 0.2, p=p, clamp=(lo, hi), population=30, generations=2,
+                                    generator=gen())
+        assert bool((w.x >= torch.minimum(x, torch.tensor(lo))).all()) and bool((w.x <= hi).all())
+        inside(x, w.x, 0.2, p, None)
+    with pytest.raises(ValueError, match="outside the clamp box"):
+        gradient_distortion(mlp(0), x - 1e-3, 0, 0.1, clamp=(lo, hi), n_samples=5)

@@ -107,6 +107,8 @@ def gradient_distortion(
         p: 1, 2 or ``"inf"`` (default).
         n_samples: draws per example (default 1000).
         clamp: ``(lo, hi)``, numbers or tensors broadcastable to x, ``lo < hi``; default: no box.
+            x must lie inside it; an x within rounding (4 ulps) outside, as normalised data
+            can be, widens the box to hold x.
         explain: ``(model, inputs, target) -> attributions`` (one row per input), e.g.
             ``lambda m, inp, t: IntegratedGradients(m).attribute(inp, target=t)``;
             ``target`` is passed as an ``[n]`` index tensor (``None`` for a single
