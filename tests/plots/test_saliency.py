@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from rollnet.models import MLP
-from rollnet.plots import SaliencyColumn, plot_saliency, saliency_map, worst_case_saliency
+from rollnet.plots import (
+    SaliencyColumn,
+    plot_saliency,
+    saliency_map,
+    spread,
+    worst_case_columns,
+    worst_case_saliency,
+)
 from tests.plots.helpers import distinct_colours, png_size
 
 
@@ -81,3 +88,25 @@ def test_worst_case_saliency_is_the_gradient_at_x_and_at_the_worst_point() -> No
     torch.testing.assert_close((at_worst - at_x).abs().flatten(1).sum(1), worst.distortion.to(at_x.dtype),
                                rtol=1e-5, atol=1e-6)
     assert float(worst.distortion.max()) > 0  # a ball that wide crosses a boundary of this net
+
+
+def test_worst_case_columns_caption_the_distortion_and_hold_examples_on_the_box_edge() -> None:
+    torch.manual_seed(0)
+    model = MLP((1, 6, 6), 3, [16, 16])
+    x = torch.rand(2, 1, 6, 6)
+    x[0, 0, 0, 0] = -1e-7  # an example a rounding error outside the box it is clamped to
+    target = model.eval()(x).argmax(dim=1)
+    g = torch.Generator().manual_seed(0)
+    at, worst = worst_case_columns("net", model, x, target, 0.05, clamp=(0.0, 1.0), generator=g,
+                                   population=32, generations=3)
+    assert (at.title, worst.title) == ("net at x", "net worst case")
+    assert at.captions is None and worst.captions is not None and len(worst.captions) == 2
+    d = (worst.attributions - at.attributions).abs().flatten(1).sum(1)
+    assert [c.split(",")[0] for c in worst.captions] == [f"distortion {float(v):.3g}" for v in d]
+
+
+def test_spread_picks_evenly_and_refuses_too_many() -> None:
+    assert spread(10, 3).tolist() == [0, 3, 6]
+    assert spread(4, 4).tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match=r"\[1, 4\]"):
+        spread(4, 5)

@@ -45,6 +45,18 @@ def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path, monkeyp
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"], "temporary file left behind"
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "atomic.txt", b"x")
+        (tmp_path / "plain.txt").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "atomic.txt").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_a_crash_before_the_manifest_commit_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     weights = {"w": torch.ones(3)}
     save_checkpoint(tmp_path, "last", 1, weights=weights, trainer_tensors=None, content={"config": {}, "data": {}})

@@ -12,7 +12,14 @@ from rollnet.plots.regions import (
     region_polygons,
     toy_slice,
 )
-from rollnet.plots.saliency import SaliencyColumn, plot_saliency, saliency_map, worst_case_saliency
+from rollnet.plots.saliency import (
+    SaliencyColumn,
+    plot_saliency,
+    saliency_map,
+    spread,
+    worst_case_columns,
+    worst_case_saliency,
+)
 from rollnet.plots.stability import BoundsCurve, plot_stability_bounds
 
 __all__ = [
@@ -34,6 +41,8 @@ __all__ = [
     "region_polygons",
     "saliency_map",
     "save_png",
+    "spread",
     "toy_slice",
+    "worst_case_columns",
     "worst_case_saliency",
 ]

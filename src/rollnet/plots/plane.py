@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from rollnet.engine.modes import eval_mode
 from rollnet.plots.png import save_png
-from rollnet.plots.regions import SliceLike, draw_regions
+from rollnet.plots.regions import SliceLike, count_label, draw_regions
 
 __all__ = ["ImagePlane", "image_plane", "plot_plane"]
 
@@ -169,7 +169,7 @@ def plot_plane(
                                     linewidth=0.9, label=f"l2 margin {p.margin:.3g}"))
             ax.plot([0.0], [0.0], marker="*", markersize=12, color="gold", markeredgecolor="black",
                     linestyle="none", label=f"the example (class {p.target} gradient)")
-            ax.set_title(f"{title}: {len(p.regions)} regions", fontsize="medium")
+            ax.set_title(f"{title}: {count_label(len(p.regions))}", fontsize="medium")
             ax.set_xlabel(f"a: along the gradient ({units})")
             ax.set_ylabel(f"b: random direction ({units})")
             ax.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))

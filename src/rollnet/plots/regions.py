@@ -232,6 +232,11 @@ def colour_regions(neighbours: Sequence[set[int]], n_colours: int = len(PALETTE)
     return colours
 
 
+def count_label(n: int) -> str:
+    """``"1 region"``, ``"553 regions"``: a panel title's count."""
+    return f"{n} region" if n == 1 else f"{n} regions"
+
+
 def _extent(regions: SliceLike) -> tuple[float, float, float, float]:
     a0, a1, b0, b1 = (float(e) for e in regions.extent)
     if not (a0 < a1 and b0 < b1):
@@ -375,7 +380,7 @@ def plot_regions(
     try:
         for ax, (title, regions) in zip(axes[0], panels, strict=True):
             draw_regions(ax, regions, points=points, labels=labels)
-            ax.set_title(f"{title}: {len(regions)} regions")
+            ax.set_title(f"{title}: {count_label(len(regions))}")
             ax.set_xlabel(axis_labels[0])
             ax.set_ylabel(axis_labels[1])
         fig.tight_layout()

@@ -283,16 +283,24 @@ def _plane_figure(group: Sequence[tuple[str, LoadedRun, Any, RegionReport]], max
     units = group[0][1].info.model_units
     if not finite:
         return Figure(title, "", None, note="no run has a finite positive l2 margin at this image to size the slice")
-    half = 4.0 * max(finite)
+    # In a random plane the hyperplanes lie far beyond the margin (the nearest one in the worst
+    # direction of the whole input space): at 100 margins an MNIST MLP shows about a hundred
+    # regions.  The same square for every run, sized by the smallest margin; a quarter of it
+    # (at most three times) when a run crosses more than max_regions there.
+    half = 100.0 * min(finite)
+    for attempt in range(4):
+        try:
+            panels = [(name, image_plane(run.model, x.to(run.device), target=label, half_width=half,
+                                         max_regions=max_regions)) for name, run, _, _ in group]
+            break
+        except TooManyRegionsError as err:
+            if attempt == 3:
+                return Figure(title, "", None, note=str(err), wide=True)
+            half /= 4.0
     caption = (f"The exact linear regions of the plane through the image spanned by the gradient of its true "
                f"class ({label}) and a random direction (seeded), over the same square of half side {half:.3g} "
-               f"{units} units (4 times the largest l2 margin of the runs) for every run; the dashed circle is "
-               "the certified l2 margin, the black lines the decision boundary.")
-    try:
-        panels = [(name, image_plane(run.model, x.to(run.device), target=label, half_width=half,
-                                     max_regions=max_regions)) for name, run, _, _ in group]
-    except TooManyRegionsError as err:
-        return Figure(title, caption, None, note=str(err), wide=True)
+               f"{units} units for every run ({half / min(finite):.3g} times the smallest l2 margin of the runs at "
+               "this image); the dashed circle is the certified l2 margin, the black lines the decision boundary.")
     png = _png(lambda p: plot_plane(panels, p, units=f"{units} units"))
     return Figure(title, caption, png, wide=len(panels) > 1)
 
@@ -300,30 +308,29 @@ def _plane_figure(group: Sequence[tuple[str, LoadedRun, Any, RegionReport]], max
 def _saliency_figure(group: Sequence[tuple[str, LoadedRun, Any, RegionReport]], k: int,
                      dists: dict[str, DistortionReport], options: dict[str, Any]) -> Figure:
     from rollnet.evaluate import default_explanation
-    from rollnet.plots.saliency import SaliencyColumn, plot_saliency, worst_case_saliency
+    from rollnet.plots.saliency import SaliencyColumn, plot_saliency, spread, worst_case_columns
     from rollnet.train.distortion_report import pixel_box
 
     part = group[0][2]
-    x, y = part.x[:k], part.y[:k]
+    pick = spread(part.x.shape[0], min(k, part.x.shape[0]))
+    x, y = part.x[pick], part.y[pick]
     columns = []
     for name, run, _, _ in group:
         xd, yd = x.to(run.device), y.to(run.device)
         dist = dists.get(name)
         if dist is None:
-            columns.append(SaliencyColumn(f"{name}: gradient", default_explanation(run.model, xd, yd).cpu()))
+            columns.append(SaliencyColumn(f"{name} at x", default_explanation(run.model, xd, yd).cpu()))
             continue
         generator = torch.Generator(device=run.device).manual_seed(int(options.get("seed", 0)))
         search = {key: options[key] for key in ("population", "generations") if key in options}
-        at_x, at_worst, worst = worst_case_saliency(
-            run.model, xd, yd, dist.eps_model, method=str(options.get("method", "genetic")),
-            budget=options.get("budget"), clamp=pixel_box(run.info), generator=generator, **search)
-        columns.append(SaliencyColumn(f"{name}: gradient", at_x.cpu()))
-        captions = [f"distortion {float(d):.3g}{' (label changed)' if bool(c) else ''}"
-                    for d, c in zip(worst.distortion.cpu(), worst.label_changed.cpu(), strict=True)]
-        columns.append(SaliencyColumn(f"{name}: worst case", at_worst.cpu(), captions))
-    png = _png(lambda p: plot_saliency(x.cpu(), columns, p, row_labels=[f"label {int(v)}" for v in y]))
+        columns += worst_case_columns(name, run.model, xd, yd, dist.eps_model,
+                                      method=str(options.get("method", "genetic")), budget=options.get("budget"),
+                                      clamp=pixel_box(run.info), generator=generator, **search)
+    split = group[0][3].split
+    rows = [f"{split} {int(i)}, label {int(v)}" for i, v in zip(pick, y, strict=True)]
+    png = _png(lambda p: plot_saliency(x.cpu(), columns, p, row_labels=rows))
     caption = ("Saliency maps (|gradient of the true-class logit| summed over channels, clipped at the 99th "
-               "percentile) of the first test images")
+               "percentile) of test images spread evenly over the split")
     if dists:
         d = next(iter(dists.values()))
         caption += (f", at the image and at the worst-case point the search found in the l_inf ball of "

@@ -20,7 +20,7 @@ import torch
 from rollnet.plots.margins import plot_margin_cdf
 from rollnet.plots.plane import ImagePlane, image_plane, plot_plane
 from rollnet.plots.regions import SliceLike, plot_regions, toy_slice
-from rollnet.plots.saliency import SaliencyColumn, plot_saliency, worst_case_saliency
+from rollnet.plots.saliency import SaliencyColumn, plot_saliency, spread, worst_case_columns
 
 if TYPE_CHECKING:
     from rollnet.train.evaluation import LoadedRun
@@ -125,13 +125,12 @@ def margins_figure(
 def _pixel_box(info: DataInfo) -> tuple[float, tuple[float, float] | None]:
     """``(factor, clamp)``: model units per pixel unit, and the valid pixels' box in model units
     (``(1.0, None)`` for data that are not images)."""
-    norm = info.normalization
-    if norm is None:
-        return 1.0, None
-    mean, std = norm
-    if info.model_units == "normalized":
-        return 1.0 / std, ((0.0 - mean) / std, (1.0 - mean) / std)
-    return 1.0, (0.0, 1.0)
+    from rollnet.train.distortion_report import pixel_box
+
+    box = pixel_box(info)
+    if box is None or info.normalization is None or info.model_units != "normalized":
+        return 1.0, box
+    return 1.0 / info.normalization[1], box
 
 
 def saliency_figure(
@@ -178,21 +177,14 @@ def saliency_figure(
     n = part.x.shape[0]
     if examples > n:
         raise ValueError(f"examples must be at most {n}, the size of the {split} split, got {examples}")
-    pick = torch.arange(examples) * n // examples  # spread over the split (test sets may be sorted by label)
+    pick = spread(n, examples)
     x, y = part.x[pick].to(runs[0].device), part.y[pick].to(runs[0].device)
     factor, clamp = _pixel_box(runs[0].info)
-    if clamp is not None:  # the data's own rounding of pixels 0 and 1 stays inside the box
-        clamp = (min(clamp[0], float(x.min())), max(clamp[1], float(x.max())))
     columns = []
     for run in runs:
         gen = torch.Generator(device=run.device).manual_seed(seed)
-        at_x, at_worst, worst = worst_case_saliency(run.model, x, y, eps * factor, method=method, budget=budget,
-                                                    clamp=clamp, generator=gen)
-        name = run.config.name
-        captions = [f"distortion {float(d):.3g}" + (", label changed" if bool(c) else "")
-                    for d, c in zip(worst.distortion, worst.label_changed, strict=True)]
-        columns += [SaliencyColumn(f"{name} at x", at_x.cpu()),
-                    SaliencyColumn(f"{name} worst case", at_worst.cpu(), captions)]
+        columns += worst_case_columns(run.config.name, run.model, x, y, eps * factor, method=method,
+                                      budget=budget, clamp=clamp, generator=gen)
     shape = tuple(runs[0].info.input_shape)
     images = x.cpu().reshape(x.shape[0], *shape)
     if len(shape) == 1:  # flat inputs: shown as a row of pixels

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from rollnet.engine.modes import eval_mode
 from rollnet.plots.png import save_png
 
-__all__ = ["SaliencyColumn", "plot_saliency", "saliency_map", "worst_case_saliency"]
+__all__ = ["SaliencyColumn", "plot_saliency", "saliency_map", "spread", "worst_case_columns", "worst_case_saliency"]
 
 
 def _as_images(t: Tensor, what: str) -> Tensor:
@@ -202,3 +202,33 @@ def worst_case_saliency(
         at_x = explanation(model, x, target).detach()
         at_worst = explanation(model, worst.x, target).detach()
     return at_x, at_worst, worst
+
+
+def spread(n: int, k: int) -> Tensor:
+    """``[k]`` indices ``i * n // k``: k examples evenly spread over n (a split sorted by label
+    shows several classes).
+
+    >>> spread(500, 4).tolist()
+    [0, 125, 250, 375]
+    """
+    if not 1 <= k <= n:
+        raise ValueError(f"the number of examples must lie in [1, {n}], got {k}")
+    return torch.arange(k) * n // k
+
+
+def worst_case_columns(
+    name: str, model: nn.Module, x: Tensor, target: Any, eps: float, **options: Any
+) -> list[SaliencyColumn]:
+    """One model's two columns: its saliency at x, and at the worst case of
+    :func:`worst_case_saliency` (same options) captioned with the distortion found.
+
+    The examples' own rounding of the box's ends (e.g. normalised pixels 0 and 1 one ulp
+    outside the computed box) is kept inside the box.
+    """
+    clamp = options.pop("clamp", None)
+    if clamp is not None:
+        clamp = (min(float(clamp[0]), float(x.min())), max(float(clamp[1]), float(x.max())))
+    at_x, at_worst, worst = worst_case_saliency(model, x, target, eps, clamp=clamp, **options)
+    captions = [f"distortion {float(d):.3g}" + (", label changed" if bool(c) else "")
+                for d, c in zip(worst.distortion.cpu(), worst.label_changed.cpu(), strict=True)]
+    return [SaliencyColumn(f"{name} at x", at_x.cpu()), SaliencyColumn(f"{name} worst case", at_worst.cpu(), captions)]

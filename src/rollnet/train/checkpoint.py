@@ -49,11 +49,23 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, damaged, or not matching the model."""
 
 
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process's umask (``0o666 & ~umask``)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a flushed temporary file and an atomic rename."""
+    """Write ``data`` to ``path`` through a flushed temporary file and an atomic rename.
+
+    The file gets the mode a plain ``open(path, "w")`` would give it (the temporary
+    file's private 0600 is widened to ``0o666 & ~umask``).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _new_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
