@@ -28,6 +28,7 @@ from rollnet.evaluate.distortion import WorstCase, gradient_distortion, max_grad
 from rollnet.evaluate.plane import PlaneRegion, PlaneRegions, TooManyRegionsError, plane_regions
 from rollnet.patterns import ActivationPattern, ActivationPatterns
 from rollnet.regularizer import ROLLLoss
+from rollnet.sharding import certify_dataset
 
 __version__ = "0.1.0"
 
@@ -63,6 +64,7 @@ __all__ = [
     "WorstCase",
     "activation_pattern",
     "certified_saliency",
+    "certify_dataset",
     "count_regions",
     "directional_margin",
     "gradient_distortion",
