@@ -134,3 +134,21 @@ def test_recurrent_settings_are_checked():
         apply_overrides(TrainConfig(), ["recurrent_optim.lr=-1"])
     with pytest.raises(ConfigError, match=r"model\.hidden_size must be at least 1"):
         apply_overrides(TrainConfig(), ["model.hidden_size=0"])
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", "..", ".", "", "/abs/path", "a\\b", "nul\0byte"])
+def test_a_name_that_is_not_one_path_component_is_refused(name):
+    with pytest.raises(ConfigError, match="single path component"):
+        config_from_dict({"name": name})
+
+
+def test_plain_names_are_kept():
+    for name in ("mnist_roll", "run-1.2", "ROLL c=0.25", "..dots"):
+        assert config_from_dict({"name": name}).name == name
+
+
+def test_progress_is_true_false_or_auto():
+    assert TrainConfig().progress == "auto"
+    assert apply_overrides(TrainConfig(), ["progress=true"]).progress is True
+    with pytest.raises(ConfigError, match="true, false or 'auto'"):
+        apply_overrides(TrainConfig(), ["progress=sometimes"])

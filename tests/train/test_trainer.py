@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
+import sys
 
 import pytest
 import torch
@@ -266,3 +268,31 @@ def test_validation_metrics_pass_the_lengths():
     radii = margins(model, x, p=2, batch_size=2, lengths=lengths)
     for i, n in enumerate(lengths.tolist()):
         torch.testing.assert_close(radii[i : i + 1], margins(model, x[i : i + 1, :n], p=2), rtol=1e-10, atol=0)
+
+
+def test_the_summary_prints_accuracy_as_a_percentage(tmp_path):
+    lines: list[str] = []
+    result = train(tiny_config("epochs=1", "select_on=val_acc"), tmp_path, log=lines.append)
+    assert re.search(r"\(val_acc \d{1,3}\.\d%\)", lines[-1]), lines[-1]
+    assert f"{result.state.best['value']:.1%}" in lines[-1]
+    lines.clear()
+    train(tiny_config("epochs=1", "select_on=val_loss"), tmp_path / "loss", log=lines.append)
+    assert re.search(r"\(val_loss \d\.\d+\)", lines[-1]), lines[-1]
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_auto_draws_bars_only_on_a_terminal(tmp_path, capsys, monkeypatch, terminal):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    train(tiny_config("epochs=1", "progress=auto", "val_margin_samples=0"), tmp_path, log=quiet)
+    err = capsys.readouterr().err
+    assert ("epoch 1/1" in err) is terminal, err[:200]
+
+
+def test_a_bad_name_writes_nothing(tmp_path, monkeypatch, capsys):
+    from rollnet.cli import EXIT_ERROR, main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.json").write_text(json.dumps({"name": "../../escape", "data": {"name": "moons", "n": 100}}))
+    assert main(["train", "c.json"]) == EXIT_ERROR
+    assert "single path component" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]

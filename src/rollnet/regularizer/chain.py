@@ -106,6 +106,51 @@ class Chain:
     flatten: bool
 
 
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The model inside a ``DistributedDataParallel`` or ``DataParallel`` wrapper (``.module``, also
+    nested), else ``model`` itself: the fused passes are detected on the wrapped model.
+
+    >>> net = nn.Sequential(nn.Linear(2, 2))
+    >>> unwrap_parallel(nn.DataParallel(net)) is net
+    True
+    """
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def run_through_wrapper(wrapper: nn.parallel.DistributedDataParallel, compute: Callable[[nn.Module], Any]) -> Any:
+    """``compute(wrapper.module)`` run as the wrapper's forward, so DistributedDataParallel prepares
+    its reducer for the backward (its gradient hooks all-reduce the gradients) exactly as for
+    ``wrapper(x)``.  The wrapper's module is the same object again afterwards.
+
+    Args:
+        wrapper: the DistributedDataParallel model.
+        compute: the pass on the wrapped model (it returns tensors, or tuples of them).
+
+    Returns:
+        What ``compute`` returns, through DDP's post-forward.
+    """
+    inner = wrapper.module
+    wrapper.module = _Pass(inner, compute)
+    try:
+        return wrapper()
+    finally:
+        wrapper.module = inner
+
+
+class _Pass(nn.Module):
+    """A module whose forward is ``compute(inner)`` (its parameters are ``inner``'s)."""
+
+    def __init__(self, inner: nn.Module, compute: Callable[[nn.Module], Any]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.compute = compute
+
+    def forward(self) -> Any:
+        return self.compute(self.inner)
+
+
 def hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
@@ -225,9 +270,10 @@ def find_chain(model: nn.Module) -> Chain | None:
     ``nn.Dropout`` anywhere.  Exact types only for torch's layers (a subclass
     may change ``forward``), declarations only from the class that defines
     the ``forward`` in use, and no module or global forward/backward hooks,
-    since the fused pass does not call the modules.
+    since the fused pass does not call the modules.  A ``DistributedDataParallel``
+    (or ``DataParallel``) wrapper is seen through: its ``.module`` is judged.
     """
-    modules = _sequence(model)
+    modules = _sequence(unwrap_parallel(model))
     if modules is None or global_hooks():
         return None
     linears: list[nn.Linear] = []

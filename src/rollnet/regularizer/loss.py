@@ -28,7 +28,13 @@ from rollnet.engine.gradients import (
     sampled_axes,
     unit_directions,
 )
-from rollnet.regularizer.chain import chain_terms, find_chain, fusable
+from rollnet.regularizer.chain import (
+    chain_terms,
+    find_chain,
+    fusable,
+    run_through_wrapper,
+    unwrap_parallel,
+)
 from rollnet.regularizer.hinge import hinge
 from rollnet.regularizer.recurrent import find_recurrence, recurrent_fusable, recurrent_terms
 
@@ -147,6 +153,7 @@ class ROLLLoss(nn.Module):
         """The model's output, the ``[B, N]`` bracketed term of every neuron and which of them are
         neurons (``[B, N]`` bool, or ``None``: all); with ``per_example_mean``, the fused chain pass
         may return their ``[B]`` means instead."""
+        model = unwrap_parallel(model)
         x = check_input(x)
         args = check_forward_args(forward_args, x)
         directions, scale = self._directions(x)
@@ -211,7 +218,23 @@ class ROLLLoss(nn.Module):
         forward: ``term, logits = roll(model, x, return_output=True)``.  That
         pass then counts as the training forward: BatchNorm updates its
         running statistics in it.
+
+        A ``DistributedDataParallel`` model is computed on its ``.module`` (so
+        the fused passes apply) inside the wrapper's forward, so its gradients
+        are all-reduced in the backward as for ``ddp_model(x)``.
         """
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            forward_args = additional_forward_args
+            got: Tensor | tuple[Tensor, Tensor] = run_through_wrapper(
+                model, lambda inner: self._forward(inner, x, return_output, forward_args)
+            )
+            return got
+        return self._forward(model, x, return_output, additional_forward_args)
+
+    def _forward(
+        self, model: nn.Module, x: Tensor, return_output: bool, additional_forward_args: Any
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """:meth:`forward` on a model that is not a DistributedDataParallel wrapper."""
         output, terms, valid = self._collect(
             model, x, update_running_stats=return_output, per_example_mean=True, forward_args=additional_forward_args
         )

@@ -35,7 +35,13 @@ from torch import Tensor, nn
 
 from rollnet.engine.gradients import Directions
 from rollnet.engine.rules.activations import slopes as activation_slopes
-from rollnet.regularizer.chain import autocast_on, declaration, global_hooks, hooked
+from rollnet.regularizer.chain import (
+    autocast_on,
+    declaration,
+    global_hooks,
+    hooked,
+    unwrap_parallel,
+)
 from rollnet.regularizer.hinge import hinge
 
 __all__ = ["DeclaresRecurrence", "Recurrence", "find_recurrence", "recurrent_fusable", "recurrent_terms"]
@@ -78,7 +84,9 @@ class DeclaresRecurrence(Protocol):
 
 def find_recurrence(model: nn.Module) -> Recurrence | None:
     """The recurrence ``model`` declares, or ``None`` when the fused pass does not apply (no
-    declaration, a ``forward`` the declaring class does not define, hooks)."""
+    declaration, a ``forward`` the declaring class does not define, hooks).  A
+    ``DistributedDataParallel`` (or ``DataParallel``) wrapper is seen through (its ``.module``)."""
+    model = unwrap_parallel(model)
     declare = declaration(model, "elman_recurrence")
     if declare is None or global_hooks() or "forward" in model.__dict__:
         return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 import types
 import typing
@@ -167,7 +168,8 @@ class TrainConfig:
         val_margin_samples: validation examples whose l2 margins are logged each
             epoch (the first ones of the split; 0: none).
         checkpoint_every: also save the last checkpoint every this many steps (0: only at epoch ends).
-        progress: show progress bars.
+        progress: show progress bars: ``true``, ``false`` or ``"auto"`` (default: when stderr is a
+            terminal, so a log redirected to a file holds no bars).
     """
 
     name: str = "run"
@@ -179,7 +181,7 @@ class TrainConfig:
     select_on: str = "val_acc"
     val_margin_samples: int = 500
     checkpoint_every: int = 0
-    progress: bool = True
+    progress: bool | str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -212,6 +214,9 @@ def _check_choices(cfg: TrainConfig) -> None:
     gamma = flat["roll.gamma"]
     if isinstance(gamma, str) and gamma != "max":
         raise ConfigError(f"roll.gamma must be a percentage in (0, 100] or 'max', got {gamma!r}")
+    if not isinstance(cfg.progress, bool) and cfg.progress != "auto":
+        raise ConfigError(f"progress must be true, false or 'auto', got {cfg.progress!r}")
+    _check_name(cfg.name)
     positive = ("epochs", "batch_size", "eval_batch_size", "model.hidden_size")
     for key in positive:
         if flat[key] < 1:
@@ -222,6 +227,21 @@ def _check_choices(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key} must be non-negative, got {flat[key]}")
     if cfg.model.normalize_inside and cfg.data.normalize:
         raise ConfigError("model.normalize_inside needs data.normalize = false (else inputs are normalised twice)")
+
+
+def _check_name(name: str) -> None:
+    """A run's ``name`` is its directory under ``runs/``: one plain path component (not empty,
+    ``.`` or ``..``, without a path separator or NUL), so a run is never written elsewhere.
+
+    >>> _check_name("../escape")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    rollnet.train.config.ConfigError: name must be a single path component ...got '../escape'
+    """
+    separators = {"/", "\\", "\0", os.sep, *([os.altsep] if os.altsep else [])}
+    if name in ("", ".", "..") or any(c in name for c in separators) or os.path.isabs(name):
+        raise ConfigError("name must be a single path component (a directory name under runs/: not empty, "
+                          f"'.' or '..', without '/' or '\\'), got {name!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -279,7 +299,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(hint)}")
+        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(hint)} ({'; '.join(errors)})")
     if origin is list:
         (inner,) = typing.get_args(hint)
         if not isinstance(value, list):

@@ -1,0 +1,5 @@
+"""``python -m rollnet``: the command line (so ``torchrun -m rollnet train CONFIG`` works)."""
+
+from rollnet.cli import main
+
+raise SystemExit(main())
