@@ -4,6 +4,7 @@
 
     rollnet train CONFIG [--set key=value ...] [--resume] [--out DIR]
     rollnet evaluate CHECKPOINT [CHECKPOINT ...] [--split test] [--limit N] [--out DIR] [--distortion EPS]
+                     [--blocks DIR]
     rollnet report RUN_DIR [RUN_DIR ...] -o report.html [--split test] [--limit N] [--distortion EPS]
     rollnet plot regions RUN [RUN ...] -o FILE.png
     rollnet plot margins RUN [RUN ...] -o FILE.png [--norm l2] [--split test] [--limit N]
@@ -16,19 +17,20 @@ model).  For sequence models it also draws, for each model, one channel's
 per-time-step stability bounds of the test sequences at the P50 and P75 of
 the l2 margin (``stability-<split>.png``, the paper's figure 3).  With
 ``--distortion EPS`` it adds the paper's Caltech table (P@1, P@5, expected and
-worst-case gradient distortion, label changes).  ``report`` writes one
+worst-case gradient distortion, label changes).  ``evaluate`` runs on many
+processes too: ``torchrun --nproc_per_node N -m rollnet evaluate RUN`` shards
+the margins (in blocks of ``--batch-size``) across the processes and gathers
+them (:func:`rollnet.certify_dataset`: the same numbers as one process, bit for
+bit); rank 0 alone prints and writes.  ``--blocks DIR`` keeps each finished
+block of margins in DIR, so a killed evaluation resumes where it stopped.
+``report`` writes one
 self-contained HTML page with the tables and pictures of several runs.
 ``plot`` draws one picture (:mod:`rollnet.plots.runs`): exact regions of 2-D
 runs, margin CDFs, saliency maps at worst-case perturbations, the plane
 through a test image with its exact regions, stability bounds of sequences.
 
 Exit status: 0 done, 1 error (bad config, missing data, damaged
-checkpoint), 3 training diverged, 130 interrupted by Ctrl-C (checkpoint saved),
-143 stopped by SIGTERM, i.e. preempted (checkpoint saved at the current step;
-``--resume`` continues).  Under torchrun every rank exits with the same status.
-
-``train`` runs unchanged on many processes:
-``torchrun --nproc_per_node N -m rollnet train CONFIG`` (see the README).
+checkpoint), 3 training diverged, 130 interrupted by Ctrl-C (checkpoint saved).
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ __all__ = ["main"]
 EXIT_ERROR = 1
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,7 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--channel", type=int, default=0, help="sequence models: the channel drawn (default 0)")
     e.add_argument("--device", default="cpu", help="cpu or cuda")
     e.add_argument("--float32", action="store_true", help="certify in float32 (default: float64, exact)")
-    e.add_argument("--batch-size", type=int, default=250, help="examples per pass")
+    e.add_argument("--batch-size", type=int, default=250,
+                   help="examples per pass, and per block of margins (the unit of sharding and of --blocks)")
+    e.add_argument("--blocks", type=Path, default=None, metavar="DIR",
+                   help="keep each finished block of margins in DIR (DIR/<k> for the k-th of several checkpoints) "
+                        "and resume from them: a killed evaluation recomputes only the missing blocks")
     _distortion_options(e)
 
     r = sub.add_parser("report", help="one self-contained HTML page comparing runs: tables and pictures")
@@ -154,23 +159,45 @@ def _train(args: argparse.Namespace) -> int:
     if result.status == "diverged":
         return EXIT_DIVERGED
     if result.status == "interrupted":
-        return EXIT_TERMINATED if result.stop_signal == "SIGTERM" else EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from rollnet.train.checkpoint import atomic_write_text, load_manifest
-    from rollnet.train.evaluation import describe, evaluate_checkpoint, to_json, to_markdown
+    """``rollnet evaluate``; under torchrun the margins are sharded and rank 0 alone prints and writes."""
+    import torch
+
+    from rollnet.train.distributed import device_for, process_group, world_from_env
+    from rollnet.train.evaluation import evaluate_checkpoint
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be positive, got {args.limit}")
     if args.distortion is not None and not args.distortion > 0:
         raise ValueError(f"--distortion must be a positive radius, got {args.distortion}")
-    reports = [
-        evaluate_checkpoint(path, split=args.split, limit=args.limit, batch_size=args.batch_size,
-                            float64=not args.float32, device=args.device)
-        for path in args.checkpoints
-    ]
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    world = world_from_env()
+    args.device = str(device_for(torch.device(args.device), world))
+    with process_group(torch.device(args.device), world):
+        blocks: list[Path | None] = [None] * len(args.checkpoints)
+        if args.blocks is not None:  # DIR, or DIR/<k> for the k-th of several checkpoints
+            several = len(args.checkpoints) > 1
+            blocks = [args.blocks / str(k) if several else args.blocks for k in range(len(args.checkpoints))]
+        reports = [
+            evaluate_checkpoint(path, split=args.split, limit=args.limit, batch_size=args.batch_size,
+                                float64=not args.float32, device=args.device, blocks=where)
+            for path, where in zip(args.checkpoints, blocks, strict=True)
+        ]
+    if not world.is_main:
+        return 0
+    return _write_evaluation(args, reports)
+
+
+def _write_evaluation(args: argparse.Namespace, reports: list[RegionReport]) -> int:
+    """Print the evaluation's tables and write its files (with ``--distortion``, its table too)."""
+    from rollnet.train.checkpoint import atomic_write_text, load_manifest
+    from rollnet.train.evaluation import describe, to_json, to_markdown
+
     markdown = f"{describe(reports)}\n\n{to_markdown(reports)}\n"
     extra: dict[str, Any] = {"checkpoints": [str(p) for p in args.checkpoints]}
     if args.distortion is not None:

@@ -28,7 +28,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -288,28 +288,6 @@ def _distributed(group: Any) -> tuple[int, int]:
             "torch.distributed.init_process_group() first"
         )
     return 0, 1
-
-
-@contextlib.contextmanager
-def _process_group(device: str) -> Iterator[tuple[int, int, str]]:
-    """Initialise torch.distributed from torchrun's environment if it is not already, and yield
-    ``(rank, world_size, device)``: under torchrun a CUDA ``device`` becomes ``cuda:<LOCAL_RANK>``
-    (one GPU per process, nccl), the CPU uses gloo.  The group is destroyed at exit if made here."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1 or not dist.is_available():
-        yield 0, 1, device
-        return
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(torch.device(device))
-    made = not dist.is_initialized()
-    if made:
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    try:
-        yield dist.get_rank(), dist.get_world_size(), device
-    finally:
-        if made and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _agree(value: Any, group: Any, world: int) -> list[Any]:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from rollnet.certify import check_forward_args, count_regions
 from rollnet.engine.gradients import Request, collect, unit_directions
 from rollnet.engine.modes import eval_mode
+from rollnet.sharding import certify_dataset
 from rollnet.train.checkpoint import CheckpointError
 from rollnet.train.factory import DataInfo, make_data
 from rollnet.train.load import load_checkpoint_model
@@ -143,7 +144,7 @@ def all_margins(
 def region_report(
     model: nn.Module, x: Tensor, y: Tensor, info: DataInfo, *, label: str, split: str = "test",
     batch_size: int = 250, float64: bool = True, device: torch.device | str = "cpu",
-    lengths: Tensor | None = None,
+    lengths: Tensor | None = None, blocks: str | Path | None = None,
 ) -> RegionReport:
     """Evaluate ``model`` on ``x`` ``[M, *input_shape]`` with labels ``y`` ``[M]``.
 
@@ -151,6 +152,12 @@ def region_report(
     ``float64`` the radii are certified on a float64 copy of the model (exact
     up to float64 rounding); otherwise in the model's own precision.  For
     sequences, ``lengths`` ``[M]`` goes to the model as ``model(x, lengths)``.
+
+    The margins go through :func:`rollnet.certify_dataset` in blocks of ``batch_size``: under
+    torchrun (torch.distributed initialised) they are sharded across the processes and gathered,
+    and equal one process's exactly; accuracy and region counts are computed on every process.
+    With ``blocks`` a directory, finished blocks of margins are kept there and a rerun computes
+    only the missing ones (see :mod:`rollnet.sharding`).
 
     Example:
         >>> from rollnet.models import MLP
@@ -177,13 +184,14 @@ def region_report(
     )
     certified = copy.deepcopy(model).to(torch.float64) if float64 else model
     dtype = torch.float64 if float64 else x.dtype
-    radii: dict[str, list[Tensor]] = {name: [] for name in NORMS}
-    for i in range(0, n, batch_size):
-        xb = x[i : i + batch_size].to(device=device, dtype=dtype)
-        for name, r in all_margins(certified, xb, additional_forward_args=args(i)).items():
-            radii[name].append(r.cpu())
+    # the expensive part: in blocks of batch_size, sharded across torchrun's processes
+    found = certify_dataset(
+        certified, x.to(dtype), p=tuple(NORMS.values()), batch_size=batch_size, rounding="none",
+        additional_forward_args=None if lengths is None else (lengths,), device=device, out=blocks,
+    )
+    assert isinstance(found, dict)
     scales = info.radius_scales()
-    merged = {name: torch.cat(parts) if parts else torch.zeros(0) for name, parts in radii.items()}
+    merged = {name: found[p] for name, p in NORMS.items()}
     table = {
         units: {name: percentiles(values * scale) for name, values in merged.items()}
         for units, scale in scales.items()
@@ -199,7 +207,7 @@ def region_report(
 
 def evaluate_checkpoint(
     path: str | Path, *, split: str = "test", limit: int | None = None, batch_size: int = 250,
-    float64: bool = True, device: str = "cpu", label: str | None = None,
+    float64: bool = True, device: str = "cpu", label: str | None = None, blocks: str | Path | None = None,
 ) -> RegionReport:
     """Load a checkpoint (a manifest, or a run directory: its ``best.json``) and report on a split.
 
@@ -208,6 +216,7 @@ def evaluate_checkpoint(
         split: ``test`` (default), ``val`` or ``train``.
         limit: evaluate only the first ``limit`` examples of the split.
         label: model label in the report (default: the run's name).
+        blocks: a directory for incremental margins (see :func:`region_report`).
 
     Raises:
         CheckpointError: missing, damaged or mismatched checkpoint (weights
@@ -233,7 +242,7 @@ def evaluate_checkpoint(
     name = label or loaded.config.name
     return region_report(loaded.model, part.x, part.y, loaded.info, label=name, split=split,
                          batch_size=batch_size, float64=float64, device=loaded.device,
-                         lengths=getattr(part, "lengths", None))
+                         lengths=getattr(part, "lengths", None), blocks=blocks)
 
 
 @dataclass
