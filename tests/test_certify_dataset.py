@@ -204,6 +204,8 @@ SCRIPT = textwrap.dedent(
     calls = []
     real = sharding._certify_block
     def counted(certifier, xb, args):
+        if fail_after == -2 and rank == 1:
+            raise ValueError("no such example")
         if fail_after >= 0 and rank == 1 and len(calls) == fail_after:
             os._exit(9)  # killed mid-way: block files of finished blocks stay
         calls.append(1)
@@ -217,7 +219,8 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _launch(tmp_path: Path, nproc: int, out: str, blocks: str = "-", fail_after: int = -1) -> int:
+def _launch(tmp_path: Path, nproc: int, out: str, blocks: str = "-", fail_after: int = -1) -> subprocess.CompletedProcess:
+    """Run SCRIPT on ``nproc`` processes; ``fail_after`` k >= 0: rank 1 dies at its block k; -2: rank 1 raises."""
     script = tmp_path / "shard.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
@@ -228,9 +231,9 @@ def _launch(tmp_path: Path, nproc: int, out: str, blocks: str = "-", fail_after:
         cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", str(script)]
     proc = subprocess.run([*cmd, str(tmp_path / out), blocks, str(fail_after)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=90)
-    if fail_after < 0:
+    if fail_after == -1:
         assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.returncode
+    return proc
 
 
 def _one_process() -> dict:
@@ -254,7 +257,7 @@ def test_a_killed_rank_resumes_on_another_number_of_processes(tmp_path):
     one = _one_process()
     # rank 1 (blocks 3, 4, 5 of 0..5) is killed after finishing one block: block 3 and rank 0's stay
     blocks = tmp_path / "blocks"
-    assert _launch(tmp_path, 2, "killed", str(blocks), fail_after=1) != 0
+    assert _launch(tmp_path, 2, "killed", str(blocks), fail_after=1).returncode != 0
     finished = sorted(f.name for f in blocks.glob("block-*.pt"))
     assert "block-000003.pt" in finished and "block-000004.pt" not in finished
     _launch(tmp_path, 3, "resumed", str(blocks))
@@ -263,3 +266,11 @@ def test_a_killed_rank_resumes_on_another_number_of_processes(tmp_path):
     for rank in range(3):
         resumed = torch.load(tmp_path / f"resumed-{rank}.pt")["margins"]
         assert all(torch.equal(resumed[p], one[p]) for p in (1, 2, "inf"))
+
+
+@pytest.mark.slow
+def test_an_error_on_one_process_is_raised_on_all_naming_it(tmp_path):
+    proc = _launch(tmp_path, 2, "failed", fail_after=-2)
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert log.count("ValueError: process 1: ValueError: no such example") == 2, log[-3000:]

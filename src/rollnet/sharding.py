@@ -299,11 +299,22 @@ def _agree(value: Any, group: Any, world: int) -> list[Any]:
     return gathered
 
 
+_KINDS: dict[str, type[Exception]] = {"ResumeMismatchError": ResumeMismatchError, "ValueError": ValueError,
+                                     "TypeError": TypeError}
+
+
+def _error(err: Exception) -> tuple[str, str, str]:
+    """What a process reports of its error: the most specific of :data:`_KINDS` it is, and its message."""
+    kind = next((name for name, cls in _KINDS.items() if isinstance(err, cls)), "RuntimeError")
+    return ("error", kind, f"{type(err).__name__}: {err}")
+
+
 def _raise_first(statuses: list[Any]) -> None:
+    """Raise, on every process, the first error a process reported (naming that process)."""
     for rank, status in enumerate(statuses):
         if isinstance(status, tuple) and status and status[0] == "error":
             _, kind, message = status
-            error = ResumeMismatchError if kind == "ResumeMismatchError" else RuntimeError
+            error = _KINDS.get(kind, RuntimeError)
             raise error(message if len(statuses) == 1 else f"process {rank}: {message}")
 
 
@@ -452,17 +463,17 @@ def certify_dataset(
         try:
             store.open()
         except (ResumeMismatchError, OSError) as err:
-            status = ("error", type(err).__name__, f"{type(err).__name__}: {err}")
+            status = _error(err)
         _raise_first(_agree(status, group, world))
 
     parts: list[list[Tensor]] = []
     status = "ok"
     try:
         parts = _certify_blocks(examples, blocks, mine, certifier, names, store, progress and rank == 0)
-    except (ResumeMismatchError, ValueError, TypeError, RuntimeError, OSError) as err:
+    except Exception as err:  # reported to every process, so that none waits for this one forever
         if world == 1:
             raise
-        status = ("error", type(err).__name__, f"{type(err).__name__}: {err}")
+        status = _error(err)
     local = [torch.cat(column) if column else None for column in zip(*parts, strict=True)] if parts else None
     gathered = _agree((status, local), group, world)
     _raise_first([s for s, _ in gathered])
