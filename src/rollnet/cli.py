@@ -30,7 +30,12 @@ runs, margin CDFs, saliency maps at worst-case perturbations, the plane
 through a test image with its exact regions, stability bounds of sequences.
 
 Exit status: 0 done, 1 error (bad config, missing data, damaged
-checkpoint), 3 training diverged, 130 interrupted by Ctrl-C (checkpoint saved).
+checkpoint), 3 training diverged, 130 interrupted by Ctrl-C (checkpoint saved),
+143 stopped by SIGTERM, i.e. preempted (checkpoint saved at the current step;
+``--resume`` continues).  Under torchrun every rank exits with the same status.
+
+``train`` runs unchanged on many processes:
+``torchrun --nproc_per_node N -m rollnet train CONFIG`` (see the README).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ __all__ = ["main"]
 EXIT_ERROR = 1
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -159,7 +165,7 @@ def _train(args: argparse.Namespace) -> int:
     if result.status == "diverged":
         return EXIT_DIVERGED
     if result.status == "interrupted":
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if result.stop_signal == "SIGTERM" else EXIT_INTERRUPTED
     return 0
 
 
