@@ -102,6 +102,13 @@ def test_under_torchrun_without_a_process_group_is_an_error(monkeypatch):
         certify_dataset(_net(), _data())
 
 
+def test_progress_bar_and_device(capsys):
+    net, x = _net(), _data()
+    got = certify_dataset(net, x, batch_size=10, progress=True, device="cpu")
+    assert torch.equal(got, certify_dataset(net, x, batch_size=10))
+    assert "3/3" in capsys.readouterr().err  # one step per block
+
+
 def test_model_mode_is_restored():
     net = _net()
     net.train()
