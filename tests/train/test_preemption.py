@@ -39,7 +39,7 @@ def test_sigterm_saves_at_the_current_step_restores_the_handlers_and_resumes_exa
     first = train(cfg, tmp_path / "resumed", on_step=hook, log=quiet)
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     assert first.status == "interrupted" and first.stop_signal == "SIGTERM" and first.state.step == 7
-    assert "by SIGTERM" in first.message
+    assert "(step 7) by SIGTERM; saved" in first.message
     assert load_manifest(tmp_path / "resumed" / "last.json").manifest["step"] == 7  # not the epoch end (19)
     second = train(cfg, tmp_path / "resumed", resume=True, log=quiet)
     straight = train(cfg, tmp_path / "straight", log=quiet)
@@ -85,7 +85,8 @@ def test_sigterm_to_a_real_process_saves_the_current_step_and_exits_143(tmp_path
                           capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     assert proc.returncode == EXIT_TERMINATED != EXIT_INTERRUPTED, proc.stdout + proc.stderr
     assert marker.exists()
-    assert "SIGTERM: finishing this step" in proc.stdout and "interrupted by SIGTERM" in proc.stdout
+    assert "SIGTERM: finishing this step" in proc.stdout
+    assert "interrupted at epoch 1, batch 5 (step 5) by SIGTERM; saved" in proc.stdout
     assert load_manifest(out / "last.json").trainer["step"] == 5
     resumed = subprocess.run([sys.executable, "-m", "rollnet", "train", str(config), "--out", str(out), "--resume"],
                              capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)

@@ -49,7 +49,8 @@ class StopRequest:
 
 @contextmanager
 def graceful_interrupt(notice: str, signals: Sequence[signal.Signals] = STOP_SIGNALS) -> Iterator[StopRequest]:
-    """While active, the first of ``signals`` sets the request (printing ``"<SIGNAL>: <notice>"``);
+    """While active, the first of ``signals`` sets the request (printing ``"SIGTERM: <notice>"``, or
+    ``"Ctrl-C: <notice>"`` for SIGINT);
     a second one raises :class:`KeyboardInterrupt` at once.  The previous handlers are restored on exit.
 
     Outside the main thread (where handlers cannot be installed) the signals keep
@@ -80,7 +81,8 @@ def graceful_interrupt(notice: str, signals: Sequence[signal.Signals] = STOP_SIG
                 signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
             raise KeyboardInterrupt
         request.signum = signum
-        print(f"{signal.Signals(signum).name}: {notice}", flush=True)
+        label = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"{label}: {notice}", flush=True)
 
     for s in signals:
         signal.signal(s, handler)

@@ -626,11 +626,12 @@ def _loop(run: _Run, on_step: StepHook | None, resume_from: Checkpoint | None) -
                 run.log(run.describe(record, is_best))
     except KeyboardInterrupt:
         where = f"epoch {state.epoch + 1}, batch {state.batch} (step {state.step})"
-        by = f" by {run.stop_signal}" if run.stop_signal is not None else ""
+        if run.stop_signal is not None:
+            where += " by Ctrl-C" if run.stop_signal == "SIGINT" else f" by {run.stop_signal}"
         if consistent:
             try:
                 last = run.save("last", None)
-                message = f"interrupted{by} at {where}; saved {last}; continue with --resume"
+                message = f"interrupted at {where}; saved {last}; continue with --resume"
             except TrainingDiverged as err:
                 message = f"interrupted at {where}; not saved ({err}); kept the previous checkpoint {last}"
         else:
