@@ -2,7 +2,9 @@
 
 ``ddp_worker.py train CONFIG OUT [--resume] [--sigterm-rank R --sigterm-step S]``: ``rollnet train``,
 with rank R sending itself SIGTERM once its step S is done (a preempted rank); with rank -1, rank 0
-sends it to its parent, torchrun, which forwards it to every rank (a preempted job).
+sends it to its parent, torchrun, which forwards it to every rank (a preempted job).  Each rank
+prints the metrics history it ends with (``history of rank R: [...]``) and the number of examples
+it trained on in each step (``shard sizes of rank R: [...]``).
 
 ``ddp_worker.py grads``: checks on 2 ranks that the fused chain pass of ROLLLoss through a
 DistributedDataParallel model (``return_output=True``) all-reduces the gradients: every rank ends
@@ -34,8 +36,32 @@ def _train(argv: list[str]) -> int:
                 return out
 
             trainer._Run.step = step  # type: ignore[method-assign]
+    import json
+
+    import rollnet.train
+    import rollnet.train.trainer as trainer_module
     from rollnet.cli import main
 
+    sizes: list[int] = []
+    counted = trainer_module._Run.step
+
+    def count(self, x, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sizes.append(int(x.shape[0]))
+        return counted(self, x, *args, **kwargs)
+
+    trainer_module._Run.step = count  # type: ignore[method-assign]
+
+    real_train = rollnet.train.train
+
+    def train(*args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real_train(*args, **kwargs)
+        # what this rank computed (every rank must get the same validation metrics)
+        history = [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in result.state.history]
+        print(f"history of rank {rank}: {json.dumps(history, sort_keys=True)}", flush=True)
+        print(f"shard sizes of rank {rank}: {json.dumps(sizes)}", flush=True)
+        return result
+
+    rollnet.train.train = train
     config, out, *rest = argv
     return main(["train", config, "--out", out, *rest])
 

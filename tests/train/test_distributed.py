@@ -75,7 +75,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     two = _torchrun("train", str(config), str(base / "two"))
     assert two.returncode == 0, two.stdout
     assert train(config_from_dict(CFG), base / "one", log=quiet).status == "finished"
-    return {"config": config, "one": base / "one", "two": base / "two"}
+    (base / "two.log").write_text(two.stdout)
+    return {"config": config, "one": base / "one", "two": base / "two", "log": base / "two.log"}
 
 
 def test_two_processes_give_the_weights_and_metrics_of_one(runs):
@@ -91,6 +92,21 @@ def test_two_processes_give_the_weights_and_metrics_of_one(runs):
         assert b["val_margin_samples"] == 15
         for q, v in a["val_margin_l2"]["raw"].items():
             assert b["val_margin_l2"]["raw"][q] == pytest.approx(v, rel=1e-4), q  # gathered in order
+
+
+def test_every_rank_gets_the_same_validation_metrics(runs):
+    lines = [line for line in runs["log"].read_text().splitlines() if line.startswith("history of rank ")]
+    histories = {int(line.split()[3].rstrip(":")): json.loads(line.split(": ", 1)[1]) for line in lines}
+    assert sorted(histories) == [0, 1]
+    assert histories[0] == histories[1]
+    assert histories[0][-1]["val_margin_l2"] == _history(runs["two"])[-1]["val_margin_l2"]
+
+
+def test_each_rank_trains_on_its_share_of_the_global_batch(runs):
+    text = runs["log"].read_text()
+    epoch = {0: [16, 16, 16, 16, 12], 1: [16, 16, 16, 16, 11]}  # 151 = 4 x 32 + 23 = 4 x 32 + (12 + 11)
+    for rank, sizes in epoch.items():
+        assert f"shard sizes of rank {rank}: {json.dumps(sizes * 2)}" in text, text
 
 
 def test_the_equality_can_fail(runs, tmp_path):

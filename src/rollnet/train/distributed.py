@@ -55,7 +55,8 @@ class World:
 
 
 def world_from_env() -> World:
-    """The :class:`World` torchrun's environment variables describe (a world of one without them).
+    """The :class:`World` torchrun's environment variables describe (a world of one without them),
+    or that of a process group the caller already initialised.
 
     Returns:
         ``World(RANK, WORLD_SIZE, LOCAL_RANK)``.
@@ -66,6 +67,9 @@ def world_from_env() -> World:
     >>> world_from_env().size >= 1
     True
     """
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        return World(rank, dist.get_world_size(), int(os.environ.get("LOCAL_RANK", str(rank))))
     try:
         size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
