@@ -177,3 +177,30 @@ def test_shards_are_contiguous_and_cover_the_batch_in_order():
             parts = [list(range(n))[shard(n, World(r, size))] for r in range(size)]
             assert [i for part in parts for i in part] == list(range(n))
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_the_fused_passes_are_detected_through_a_wrapper():
+    from torch import nn
+
+    from rollnet.models import ScoRNN
+    from rollnet.regularizer.chain import find_chain, unwrap_parallel
+    from rollnet.regularizer.recurrent import find_recurrence
+
+    mlp = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    wrapped = nn.DataParallel(mlp)  # (CPU: a plain wrapper; DistributedDataParallel is seen the same way)
+    assert unwrap_parallel(wrapped) is mlp
+    chain = find_chain(wrapped)
+    assert chain is not None and chain.linears == (mlp[0], mlp[2])
+    rnn = ScoRNN(3, 6, 4, num_negative=1)
+    assert find_recurrence(nn.DataParallel(rnn)) is not None and find_recurrence(rnn) is not None
+
+
+def test_one_gpu_per_process():
+    from rollnet.train.distributed import device_for
+
+    with pytest.raises(ConfigError, match="say 'cuda'"):
+        device_for(torch.device("cuda", 1), World(0, 2, 0))
+    assert device_for(torch.device("cpu"), World(1, 2, 1)) == torch.device("cpu")
+    if torch.cuda.device_count() < 8:
+        with pytest.raises(ConfigError, match="at most one process per GPU"):
+            device_for(torch.device("cuda"), World(7, 8, 7))

@@ -491,12 +491,19 @@ def train(
         on_step: called after every completed step with ``(step, model)``.
         log: receives one line per epoch and status messages (default: stdout).
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment, or a process group
+    the caller initialised) every process calls this: it joins the group (gloo
+    on CPU, nccl on CUDA, one GPU per process), trains on its share of each
+    global batch of ``cfg.batch_size`` and returns the same result; rank 0 alone
+    writes ``out_dir`` and logs.
+
     Returns:
         A :class:`TrainResult`; ``status`` says whether the run finished, was
-        interrupted (Ctrl-C) or diverged.
+        interrupted (Ctrl-C or SIGTERM: ``stop_signal``) or diverged.
 
     Raises:
-        ConfigError: bad configuration, or ``out_dir`` already holds a run.
+        ConfigError: bad configuration, ``out_dir`` already holds a run, or a
+            ``batch_size`` the number of processes does not divide.
         CheckpointError: ``resume`` with a missing, damaged or mismatched checkpoint.
 
     Example:
