@@ -106,6 +106,7 @@ def test_the_page_is_self_contained_and_holds_every_table(page):
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|url\(\s*["']?(https?:)?//|@import""", markup), \
         "the page must load nothing from anywhere"
     assert "<script" not in markup
+    assert re.search(r"best val_acc \d+\.\d\d%", markup), "accuracies are printed as percentages"
     parsed = _parse(markup)
     assert "roll&lt;C=1&gt;" in markup and "roll<C=1>" not in markup, "names are escaped"
     names = {row[0] for row in parsed.tables["regions-table"][2:]}

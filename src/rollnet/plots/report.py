@@ -161,7 +161,8 @@ def _summary(loaded: LoadedRun, manifest: Path, content: dict[str, Any], name: s
     best = trainer.get("best") or {}
     checkpoint = f"{content.get('kind', manifest.stem)}.json, epoch {trainer.get('epoch', '?')}, step {content.get('step')}"
     if best.get("metric") and isinstance(best.get("value"), (int, float)):
-        checkpoint += f"; best {best['metric']} {best['value']:.4g}"
+        value = f"{100 * best['value']:.2f}%" if "acc" in str(best["metric"]) else f"{best['value']:.4g}"
+        checkpoint += f"; best {best['metric']} {value}"
     data = f"{info.name}, input {list(info.input_shape)}, {info.num_classes} classes, {info.model_units} units"
     facts = [
         ("data", data),
