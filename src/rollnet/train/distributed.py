@@ -22,7 +22,7 @@ from torch import Tensor
 
 from rollnet.train.config import ConfigError
 
-__all__ = ["World", "all_sum", "any_max", "barrier", "broadcast_tensor", "gather_cat", "process_group",
+__all__ = ["World", "all_sum", "barrier", "broadcast_tensor", "gather_cat", "process_group",
            "shard", "world_from_env"]
 
 
@@ -169,19 +169,6 @@ def all_sum(values: Tensor, world: World) -> Tensor:
     out = values.clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
-
-
-def any_max(value: int, world: World, device: torch.device) -> int:
-    """The largest of every rank's ``value`` (e.g. a stop flag: 0, or the number of the signal received).
-
-    >>> any_max(15, World(), torch.device("cpu"))
-    15
-    """
-    if not world.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
 
 
 def broadcast_tensor(t: Tensor, world: World) -> Tensor:
