@@ -21,13 +21,11 @@ evaluation and the CLI can all build on it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ from torch import Tensor, nn
 from rollnet.certify import Norm, _margin_from, check_forward_args, check_input, parse_norm
 from rollnet.engine.gradients import Request, batch_slice, collect, unit_directions
 from rollnet.engine.modes import eval_mode
+from rollnet.files import atomic_write_bytes
 from rollnet.rounding import Rounding, Working, _moved, check_rounding, working
 
 __all__ = ["ResumeMismatchError", "block_ranges", "certify_dataset", "shard_blocks"]
@@ -197,25 +196,6 @@ def _inputs_fingerprint(x: Tensor, args: tuple[Any, ...]) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write through a flushed temporary file and an atomic rename, with the mode a plain
-    ``open()`` gives (``0o666 & ~umask``); the same commit as :mod:`rollnet.train.checkpoint`."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~mask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 @dataclass
 class _Blocks:
     """The blocks directory of one :func:`certify_dataset` call."""
@@ -247,7 +227,7 @@ class _Blocks:
                     "use another directory, or delete this one to start over"
                 )
             return
-        _atomic_write(path, (json.dumps(self.manifest, indent=1) + "\n").encode())
+        atomic_write_bytes(path, (json.dumps(self.manifest, indent=1) + "\n").encode())
 
     def load(self, index: int, inputs: str) -> dict[str, Tensor] | None:
         """Block ``index``'s margins if finished (and of these inputs), else ``None``."""
@@ -269,7 +249,7 @@ class _Blocks:
     def save(self, index: int, inputs: str, margins: dict[str, Tensor]) -> None:
         buffer = io.BytesIO()
         torch.save({"index": index, "inputs": inputs, "margins": margins}, buffer)
-        _atomic_write(self.path(index), buffer.getvalue())
+        atomic_write_bytes(self.path(index), buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------
