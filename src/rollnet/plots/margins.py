@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rollnet.plots.png import save_png
+from rollnet.plots.png import png_figure
 from rollnet.train.metrics import percentiles
 
 __all__ = ["MarginCurve", "margin_cdf", "plot_margin_cdf"]
@@ -103,41 +103,33 @@ def plot_margin_cdf(
         except ValueError as err:
             raise ValueError(f"run {name!r}: {err}") from err
 
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     drawn = [c.x for c in curves.values() if c.x.numel()]
     lo = min((float(x[0]) for x in drawn), default=1e-3)
     hi = max((float(x[-1]) for x in drawn), default=1.0)
     lo, hi = (lo / 2, hi * 2) if hi > lo else (lo / 10, lo * 10)
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for i, (name, c) in enumerate(curves.items()):
-        color = f"C{i % 10}"
-        xs = torch.cat([torch.tensor([lo], dtype=torch.float64), c.x, torch.tensor([hi], dtype=torch.float64)])
-        start = c.zeros / c.n
-        end = float(c.y[-1]) if c.y.numel() else start
-        ys = torch.cat([torch.tensor([start]), c.y, torch.tensor([end])])
-        label = f"{name} (n={c.n}, P50 = {c.p50:.3g})"
-        if c.zeros or c.infinite:
-            label += f", {c.zeros} zero / {c.infinite} inf"
-        ax.step(xs.numpy(), ys.numpy(), where="post", color=color, linewidth=1.6, label=label)
-        if 0 < c.p50 < math.inf:
-            ax.axvline(c.p50, color=color, linestyle=":", linewidth=1)
-            ax.plot([c.p50], [0.5], marker="o", color=color, markersize=6, markeredgecolor="black")
-    ax.axhline(0.5, color="grey", linewidth=0.5, linestyle="--")
-    ax.set_xscale("log")
-    ax.set_xlim(lo, hi)
-    ax.set_ylim(0.0, 1.02)
-    ax.set_xlabel(f"{norm} margin ({units}, log scale)")
-    ax.set_ylabel("fraction of examples with margin <= x")
-    ax.set_title(title if title is not None else f"{norm} margins")
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize="small", loc="upper left")
-    fig.tight_layout()
-    save_png(fig, path, dpi=120)
-    plt.close(fig)
+    with png_figure(path, 1, 1, figsize=(6.4, 4.0)) as (_, axes):
+        ax = axes[0][0]
+        for i, (name, c) in enumerate(curves.items()):
+            color = f"C{i % 10}"
+            xs = torch.cat([torch.tensor([lo], dtype=torch.float64), c.x, torch.tensor([hi], dtype=torch.float64)])
+            start = c.zeros / c.n
+            end = float(c.y[-1]) if c.y.numel() else start
+            ys = torch.cat([torch.tensor([start]), c.y, torch.tensor([end])])
+            label = f"{name} (n={c.n}, P50 = {c.p50:.3g})"
+            if c.zeros or c.infinite:
+                label += f", {c.zeros} zero / {c.infinite} inf"
+            ax.step(xs.numpy(), ys.numpy(), where="post", color=color, linewidth=1.6, label=label)
+            if 0 < c.p50 < math.inf:
+                ax.axvline(c.p50, color=color, linestyle=":", linewidth=1)
+                ax.plot([c.p50], [0.5], marker="o", color=color, markersize=6, markeredgecolor="black")
+        ax.axhline(0.5, color="grey", linewidth=0.5, linestyle="--")
+        ax.set_xscale("log")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(0.0, 1.02)
+        ax.set_xlabel(f"{norm} margin ({units}, log scale)")
+        ax.set_ylabel("fraction of examples with margin <= x")
+        ax.set_title(title if title is not None else f"{norm} margins")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize="small", loc="upper left")
     return path

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from rollnet.engine.modes import eval_mode
-from rollnet.plots.png import save_png
+from rollnet.plots.png import png_figure
 from rollnet.plots.regions import SliceLike, count_label, draw_regions
 
 __all__ = ["ImagePlane", "image_plane", "plot_plane"]
@@ -152,16 +152,11 @@ def plot_plane(
     """
     if not panels:
         raise ValueError("no panels to draw")
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Circle
     from matplotlib.ticker import FormatStrFormatter
 
     path = Path(path)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.6), squeeze=False)
-    try:
+    with png_figure(path, 1, len(panels), figsize=(4.8 * len(panels), 4.6)) as (_, axes):
         for ax, (title, p) in zip(axes[0], panels, strict=True):
             draw_regions(ax, p.regions)
             if math.isfinite(p.margin) and p.margin > 0:
@@ -175,9 +170,4 @@ def plot_plane(
             ax.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))
             ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
             ax.legend(fontsize="x-small", loc="upper right", framealpha=0.85)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_png(fig, path, dpi=120)
-    finally:
-        plt.close(fig)
     return path

@@ -8,13 +8,46 @@ change.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["save_png"]
+__all__ = ["png_figure", "save_png"]
+
+
+@contextmanager
+def png_figure(path: str | Path, nrows: int, ncols: int, *, figsize: tuple[float, float], dpi: int = 120,
+               **subplots: Any) -> Iterator[tuple[Figure, Any]]:
+    """A headless (Agg) figure of ``nrows x ncols`` axes, written to ``path`` by :func:`save_png`
+    after a tight layout when the block ends without an error, and closed in every case.
+
+    Yields:
+        ``(fig, axes)`` with ``axes`` always a 2-D array (``squeeze=False``).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "f.png"
+        >>> with png_figure(out, 1, 2, figsize=(4, 2), dpi=50) as (fig, axes):
+        ...     _ = axes[0][1].plot([0, 1], [1, 0])
+        >>> out.read_bytes()[:4] == b"\\x89PNG"
+        True
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(nrows, ncols, figsize=figsize, squeeze=False, **subplots)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        save_png(fig, path, dpi=dpi)
+    finally:
+        plt.close(fig)
 
 
 def save_png(fig: Figure, path: str | Path, dpi: int = 120) -> Path:

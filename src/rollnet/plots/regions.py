@@ -25,7 +25,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from rollnet.plots.png import save_png
+from rollnet.plots.png import png_figure
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -368,26 +368,15 @@ def plot_regions(
     """
     if not panels:
         raise ValueError("no panels to draw")
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     path = Path(path)
     a0, a1, b0, b1 = _extent(panels[0][1])
     height = min(max(4.8 * (b1 - b0) / (a1 - a0), 2.0), 6.0) + 0.9  # the axes' aspect, plus titles
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), height), squeeze=False)
-    try:
+    with png_figure(path, 1, len(panels), figsize=(4.8 * len(panels), height)) as (_, axes):
         for ax, (title, regions) in zip(axes[0], panels, strict=True):
             draw_regions(ax, regions, points=points, labels=labels)
             ax.set_title(f"{title}: {count_label(len(regions))}")
             ax.set_xlabel(axis_labels[0])
             ax.set_ylabel(axis_labels[1])
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_png(fig, path, dpi=120)
-    finally:
-        plt.close(fig)
     return path
 
 

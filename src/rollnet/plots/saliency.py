@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from rollnet.engine.modes import eval_mode
-from rollnet.plots.png import save_png
+from rollnet.plots.png import png_figure
 
 __all__ = ["SaliencyColumn", "plot_saliency", "saliency_map", "spread", "worst_case_columns", "worst_case_saliency"]
 
@@ -141,15 +141,9 @@ def plot_saliency(
     if row_labels is not None and len(row_labels) != k:
         raise ValueError(f"{len(row_labels)} row labels for {k} rows")
 
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     path = Path(path)
     ncols = 1 + len(columns)
-    fig, axes = plt.subplots(k, ncols, figsize=(1.9 * ncols, 2.0 * k + 0.5), squeeze=False)
-    try:
+    with png_figure(path, k, ncols, figsize=(1.9 * ncols, 2.0 * k + 0.5), dpi=110) as (_, axes):
         for r in range(k):
             ax = axes[r][0]
             ax.imshow(shown[r].numpy(), cmap="gray" if shown.dim() == 3 else None, vmin=0.0, vmax=1.0)
@@ -164,11 +158,6 @@ def plot_saliency(
         for ax in axes.flat:
             ax.set_xticks([])
             ax.set_yticks([])
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_png(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
     return path
 
 
