@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from rollnet.train import TrainConfig, apply_overrides
+from pathlib import Path
+
+from rollnet.train import TrainConfig, apply_overrides, train
+from tests.threads import intra_op_threads
 
 
 def tiny_config(*overrides: str) -> TrainConfig:
@@ -19,6 +22,13 @@ def tiny_config(*overrides: str) -> TrainConfig:
 
 def quiet(message: str) -> None:
     """A log function that drops everything."""
+
+
+def trained_tiny(out: Path, *overrides: str) -> Path:
+    """Train ``tiny_config(*overrides)`` into ``out`` quietly on one intra-op thread; returns ``out``."""
+    with intra_op_threads(1):
+        train(tiny_config(*overrides), out, log=quiet)
+    return out
 
 
 def tiny_vowels_config(*overrides: str) -> TrainConfig:

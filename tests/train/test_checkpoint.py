@@ -9,26 +9,19 @@ import pytest
 import torch
 from torch import nn
 
-from rollnet.train import CheckpointError, evaluate_checkpoint, load_manifest, train
+from rollnet.train import CheckpointError, evaluate_checkpoint, load_manifest
 from rollnet.train.checkpoint import (
     atomic_write_bytes,
     load_tensors,
     load_weights_into,
     save_checkpoint,
 )
-from tests.train.helpers import quiet, tiny_config
+from tests.train.helpers import trained_tiny
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("run")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(tiny_config("epochs=1", "roll.lam=0"), d, log=quiet)
-    finally:
-        torch.set_num_threads(threads)
-    return d
+    return trained_tiny(tmp_path_factory.mktemp("run"), "epochs=1", "roll.lam=0")
 
 
 def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path, monkeypatch):

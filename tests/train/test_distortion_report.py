@@ -11,14 +11,14 @@ import torch
 import rollnet
 from rollnet.cli import EXIT_ERROR, main
 from rollnet.models import MLP
-from rollnet.train import DataInfo, train
+from rollnet.train import DataInfo
 from rollnet.train.distortion_report import (
     distortion_markdown,
     distortion_report,
     pixel_box,
 )
 from rollnet.train.metrics import percentiles
-from tests.train.helpers import quiet, tiny_config
+from tests.train.helpers import trained_tiny
 
 SMALL = {"n_samples": 32, "population": 16, "generations": 3}
 
@@ -105,14 +105,7 @@ def test_bad_arguments_are_clear_errors():
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("run")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(tiny_config("epochs=1", "roll.lam=0", "model.hidden=[16]", "val_margin_samples=0"), d, log=quiet)
-    finally:
-        torch.set_num_threads(threads)
-    return d
+    return trained_tiny(tmp_path_factory.mktemp("run"), "epochs=1", "roll.lam=0", "model.hidden=[16]", "val_margin_samples=0")
 
 
 def test_cli_evaluate_distortion_writes_the_caltech_table(digits_run, tmp_path, capsys):

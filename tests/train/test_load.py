@@ -12,21 +12,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import rollnet
-from rollnet.train import CheckpointError, load_manifest, train
+from rollnet.train import CheckpointError, load_manifest
 from rollnet.train.load import load_checkpoint_model
-from tests.train.helpers import quiet, tiny_config
+from tests.train.helpers import trained_tiny
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("run")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(tiny_config("epochs=2", "roll.lam=0", "model.hidden=[16]"), d, log=quiet)
-    finally:
-        torch.set_num_threads(threads)
-    return d
+    return trained_tiny(tmp_path_factory.mktemp("run"), "epochs=2", "roll.lam=0", "model.hidden=[16]")
 
 
 @pytest.fixture
