@@ -176,11 +176,7 @@ def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256(type(model).__qualname__.encode())
     for name, value in model.state_dict().items():
         h.update(name.encode())
-        if isinstance(value, Tensor):
-            h.update(f"{value.dtype}{tuple(value.shape)}".encode())
-            h.update(_tensor_bytes(value))
-        else:
-            h.update(repr(value).encode())
+        _hash_value(h, value)
     return h.hexdigest()
 
 
@@ -188,12 +184,17 @@ def _inputs_fingerprint(x: Tensor, args: tuple[Any, ...]) -> str:
     """SHA-256 of one block's inputs and further arguments."""
     h = hashlib.sha256()
     for value in (x, *args):
-        if isinstance(value, Tensor):
-            h.update(f"{value.dtype}{tuple(value.shape)}".encode())
-            h.update(_tensor_bytes(value))
-        else:
-            h.update(repr(value).encode())
+        _hash_value(h, value)
     return h.hexdigest()
+
+
+def _hash_value(h: Any, value: Any) -> None:
+    """Feed ``value`` to the hash ``h``: a tensor by dtype, shape and bytes, anything else by ``repr``."""
+    if isinstance(value, Tensor):
+        h.update(f"{value.dtype}{tuple(value.shape)}".encode())
+        h.update(_tensor_bytes(value))
+    else:
+        h.update(repr(value).encode())
 
 
 @dataclass
