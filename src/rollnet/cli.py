@@ -226,10 +226,11 @@ def _write_evaluation(args: argparse.Namespace, reports: list[RegionReport]) -> 
 
 def _stability_figure(args: argparse.Namespace, reports: list[RegionReport], path: Path) -> Path:
     """One channel's stability bounds of the sequences at the P50 and P75 of each model's l2 margin."""
-    from rollnet.plots import BoundsCurve, plot_stability_bounds
-    from rollnet.train.evaluation import at_percentile, load_run, sequence_bounds
+    from rollnet.plots import plot_stability_bounds
+    from rollnet.plots.runs import stability_panels
+    from rollnet.train.evaluation import load_run
 
-    panels: list[tuple[str, list[BoundsCurve]]] = [(f"P{q} of the l2 margin", []) for q in (50, 75)]
+    sequences = []
     units = "raw"
     for ckpt, report in zip(args.checkpoints, reports, strict=True):
         run = load_run(ckpt, args.device)
@@ -238,10 +239,8 @@ def _stability_figure(args: argparse.Namespace, reports: list[RegionReport], pat
         if not 0 <= args.channel < part.x.shape[2]:
             raise ValueError(f"--channel must lie in [0, {part.x.shape[2]}), got {args.channel}")
         assert report.per_example is not None
-        for (_, curves), q in zip(panels, (50, 75), strict=True):
-            i = at_percentile(report.per_example["l2"], q)
-            lower, upper = sequence_bounds(run.model, part.x, part.lengths, i, channel=args.channel)
-            curves.append(BoundsCurve(f"{report.model} (sequence {i})", lower, upper))
+        sequences.append((report.model, run.model, part.x, part.lengths, report.per_example["l2"]))
+    panels = stability_panels(sequences, args.channel)
     return plot_stability_bounds(panels, path, channel=args.channel, units=f"{units} units")
 
 

@@ -15,7 +15,7 @@ from rollnet.cli import EXIT_ERROR, main
 from rollnet.plots.report import Report, RunSummary, render_html
 from rollnet.train import TrainConfig, apply_overrides, train
 from rollnet.train.evaluation import NORMS, RegionReport
-from tests.plots.helpers import distinct_colours
+from tests.plots.helpers import distinct_colours, png_size
 from tests.threads import intra_op_threads
 
 RUNS = (("vanilla", 0.0), ("roll<C=1>", 1.0))  # the second name needs escaping
@@ -217,3 +217,21 @@ def test_image_runs_get_a_plane_slice_and_saliency_maps(tmp_path):
     (dist,) = report.distortions or []
     assert dist.eps_units == "pixel" and dist.clamp is not None and dist.n == 6
     assert "worst-case point" in report.figures[2].caption
+
+
+def test_a_sequence_run_gets_the_stability_picture_that_rollnet_plot_draws(tmp_path):
+    from rollnet.plots.report import build_report
+    from rollnet.train import train
+    from tests.train.helpers import quiet, tiny_vowels_config
+
+    with intra_op_threads(1):
+        train(tiny_vowels_config("epochs=1"), tmp_path / "vowels", log=quiet)
+        report = build_report([tmp_path / "vowels"], limit=10)
+        cli_png = tmp_path / "cli.png"
+        assert main(["plot", "stability", str(tmp_path / "vowels"), "-o", str(cli_png), "--limit", "10"]) == 0
+    (figure,) = [f for f in report.figures if f.title == "Stability bounds of sequences"]
+    assert figure.png is not None and "channel 0" in figure.caption
+    shown = tmp_path / "report.png"
+    shown.write_bytes(figure.png)
+    assert png_size(shown) == png_size(cli_png) == (1200, 432)
+    assert figure.png == cli_png.read_bytes(), "the same sequences, bounds and drawing as `rollnet plot stability`"

@@ -46,11 +46,9 @@ from rollnet.train.distortion_report import (
 from rollnet.train.evaluation import (
     LoadedRun,
     RegionReport,
-    at_percentile,
     describe,
     load_run,
     region_report,
-    sequence_bounds,
     table_rows,
 )
 
@@ -239,15 +237,14 @@ def _regions_figure(items: Sequence[tuple[str, LoadedRun, Tensor, Tensor]], max_
 
 
 def _stability_figure(items: Sequence[tuple[str, LoadedRun, Any, RegionReport]], channel: int) -> Figure:
-    from rollnet.plots.stability import BoundsCurve, plot_stability_bounds
+    from rollnet.plots.runs import stability_panels
+    from rollnet.plots.stability import plot_stability_bounds
 
-    panels: list[tuple[str, list[BoundsCurve]]] = [(f"P{q} of the l2 margin", []) for q in (50, 75)]
+    sequences = []
     for name, run, part, report in items:
         assert report.per_example is not None
-        for (_, curves), q in zip(panels, (50, 75), strict=True):
-            i = at_percentile(report.per_example["l2"], q)
-            lower, upper = sequence_bounds(run.model, part.x, part.lengths, i, channel=channel)
-            curves.append(BoundsCurve(f"{name} (sequence {i})", lower, upper))
+        sequences.append((name, run.model, part.x, part.lengths, report.per_example["l2"]))
+    panels = stability_panels(sequences, channel)
     units = items[0][3].model_units
     png = _png(lambda p: plot_stability_bounds(panels, p, channel=channel, units=f"{units} units"))
     return Figure("Stability bounds of sequences",

@@ -16,17 +16,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor, nn
 
 from rollnet.plots.margins import plot_margin_cdf
 from rollnet.plots.plane import ImagePlane, image_plane, plot_plane
 from rollnet.plots.regions import SliceLike, plot_regions, toy_slice
 from rollnet.plots.saliency import SaliencyColumn, plot_saliency, spread, worst_case_columns
+from rollnet.plots.stability import BoundsCurve
 
 if TYPE_CHECKING:
     from rollnet.train.evaluation import LoadedRun
     from rollnet.train.factory import DataInfo
 
-__all__ = ["margins_figure", "plane_figure", "regions_figure", "saliency_figure"]
+__all__ = ["margins_figure", "plane_figure", "regions_figure", "saliency_figure", "stability_panels"]
 
 _SPLITS = ("train", "val", "test")
 
@@ -235,3 +237,21 @@ def plane_figure(
         panels.append((f"{run.config.name}, {split} image {example} (label {label})", p))
         units = _units(run.info)
     return plot_plane(panels, path, units=units)
+
+
+def stability_panels(
+    runs: Sequence[tuple[str, nn.Module, Tensor, Tensor, Sequence[float]]], channel: int,
+) -> list[tuple[str, list[BoundsCurve]]]:
+    """The paper's figure 3: for each run ``(name, model, x, lengths, l2_margins)``, the stability
+    bounds of ``channel`` at each time step of its sequences at the P50 and at the P75 of its l2
+    margins (one panel per percentile, one curve per run), for
+    :func:`rollnet.plots.plot_stability_bounds`."""
+    from rollnet.train.evaluation import at_percentile, sequence_bounds
+
+    panels: list[tuple[str, list[BoundsCurve]]] = [(f"P{q} of the l2 margin", []) for q in (50, 75)]
+    for name, model, x, lengths, l2 in runs:
+        for (_, curves), q in zip(panels, (50, 75), strict=True):
+            i = at_percentile(l2, q)
+            lower, upper = sequence_bounds(model, x, lengths, i, channel=channel)
+            curves.append(BoundsCurve(f"{name} (sequence {i})", lower, upper))
+    return panels
