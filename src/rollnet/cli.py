@@ -3,6 +3,8 @@
 ::
 
     rollnet train CONFIG [--set key=value ...] [--resume] [--out DIR]
+    rollnet sweep CONFIG --grid key=v1,v2,... [--grid ...] [--trials N] [--jobs N] [--storage URL]
+                  [--study NAME] [--out DIR] [--set key=value ...]
     rollnet evaluate CHECKPOINT [CHECKPOINT ...] [--split test] [--limit N] [--out DIR] [--distortion EPS]
                      [--blocks DIR]
     rollnet report RUN_DIR [RUN_DIR ...] -o report.html [--split test] [--limit N] [--distortion EPS]
@@ -33,6 +35,14 @@ Exit status: 0 done, 1 error (bad config, missing data, damaged
 checkpoint), 3 training diverged, 130 interrupted by Ctrl-C (checkpoint saved),
 143 stopped by SIGTERM, i.e. preempted (checkpoint saved at the current step;
 ``--resume`` continues).  Under torchrun every rank exits with the same status.
+
+``sweep`` trains one run per grid point (Optuna's grid sampler; with
+``--trials N`` a multi-objective sampler picks N points) into ``DIR/trials/``,
+scores each on validation (accuracy, median l2 margin), and writes
+``sweep.md``, ``sweep.json`` and ``tradeoff.png`` with the Pareto front and the
+paper's selection (see :mod:`rollnet.sweep`).  Rerunning it skips finished
+points and retries failed or killed ones; several machines share one sweep
+with one ``--storage``.
 
 ``train`` runs unchanged on many processes:
 ``torchrun --nproc_per_node N -m rollnet train CONFIG`` (see the README).
@@ -70,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<name>)")
 
+    _sweep_parser(sub)
+
     e = sub.add_parser("evaluate", help="accuracy, linear regions and margin percentiles of a checkpoint")
     e.add_argument("checkpoints", type=Path, nargs="+",
                    help="best.json / last.json, or a run directory (uses best.json); several to compare")
@@ -100,6 +112,79 @@ def _parser() -> argparse.ArgumentParser:
     _distortion_options(r)
     _plot_parser(sub)
     return parser
+
+
+def _sweep_parser(sub: Any) -> None:
+    w = sub.add_parser("sweep", help="train a grid of settings on Optuna and select models as the paper does")
+    w.add_argument("config", type=Path, help="the base configuration, e.g. configs/mnist_roll_c025.json")
+    w.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="values to try for a setting, e.g. --grid roll.lam=0.125,0.25,0.5 --grid roll.gamma=max,50 "
+                        "(values parsed as JSON; a JSON list for list values: model.hidden=[[100],[100,100]])")
+    w.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override a setting of the base configuration (as rollnet train --set)")
+    w.add_argument("--trials", type=int, default=None,
+                   help="a budget of N points searched by a multi-objective sampler (default: the whole grid)")
+    w.add_argument("--jobs", type=int, default=1, help="local worker processes, sharing the cores (default 1)")
+    w.add_argument("--storage", default=None,
+                   help="Optuna storage shared by every worker: a database URL (postgresql://..., mysql://..., "
+                        "sqlite:///...) or a journal file path (default: DIR/study.db)")
+    w.add_argument("--study", default=None, help="the study's name (default: the config's name)")
+    w.add_argument("--out", type=Path, default=None, help="the sweep directory (default: sweeps/<config name>)")
+    w.add_argument("--seed", type=int, default=0, help="seed of the samplers (default 0)")
+    w.add_argument("--val-limit", type=int, default=None,
+                   help="certify the validation margins of the first N validation examples (default: all)")
+    w.add_argument("--test-limit", type=int, default=None,
+                   help="test figures of the selected runs on the first N test examples (default: all)")
+    w.add_argument("--no-reference", action="store_true",
+                   help="do not add the vanilla run (roll.lam=0) the paper's selection compares against")
+    w.add_argument("--heartbeat", type=int, default=60,
+                   help="seconds between a trial's heartbeats on database storages (default 60); a trial "
+                        "silent for twice as long is taken as killed and retried")
+    w.add_argument("--table-only", action="store_true", help="only write the tables and picture from the study")
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import optuna
+
+    from rollnet.sweep import Sweep, parse_grid, with_reference, write_tables
+    from rollnet.sweep.jobs import run_jobs
+    from rollnet.train import apply_overrides, load_config
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial comes from the workers
+    base = apply_overrides(load_config(args.config), args.overrides)
+    grid = parse_grid(args.grid, base)
+    if not args.no_reference:
+        grid = with_reference(grid, base)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    out = args.out if args.out is not None else Path("sweeps") / base.name
+    sweep = Sweep(base=base, grid=grid, out=out, study_name=args.study or base.name, storage=args.storage,
+                  trials=args.trials, seed=args.seed, val_limit=args.val_limit, heartbeat=args.heartbeat)
+    say = _stderr
+    status = 0
+    if not args.table_only:
+        say(f"sweep {sweep.study_name}: {len(sweep.keys())} runs ({len(grid)} grid points) in {out}; "
+            f"storage {sweep.storage_url()}")
+        outcome = run_jobs(sweep, args.jobs, say=say)
+        if outcome.status == "stopped":
+            say("stopped: rerun the same command to continue (finished runs are kept)")
+            return EXIT_TERMINATED if outcome.signal_name == "SIGTERM" else EXIT_INTERRUPTED
+    tables = write_tables(sweep, test_limit=args.test_limit, say=say)
+    print(tables.markdown(), end="")
+    say(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'} and {out / 'tradeoff.png'}")
+    failed = [r for r in tables.rows if r.status in ("error", "failed", "killed", "interrupted")]
+    pending = [r for r in tables.rows if r.status in ("running", "queued")]
+    if pending:
+        say(f"{len(pending)} runs are still running or queued in other workers")
+    if failed:
+        say(f"{len(failed)} runs failed ({', '.join(r.key for r in failed)}): see their train.log; "
+            "rerun the command to retry them")
+        status = EXIT_ERROR
+    return status
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _distortion_options(parser: argparse.ArgumentParser) -> None:
@@ -333,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "sweep":
+            return _sweep(args)
         if args.command == "report":
             return _report(args)
         if args.command == "plot":
