@@ -141,6 +141,8 @@ def _sweep_parser(sub: Any) -> None:
                    help="seconds between a trial's heartbeats on database storages (default 60); a trial "
                         "silent for twice as long is taken as killed and retried")
     w.add_argument("--table-only", action="store_true", help="only write the tables and picture from the study")
+    w.add_argument("--export", type=Path, default=None, metavar="DIR",
+                   help="copy the vanilla and selected runs (best checkpoint, manifest, scores) and the tables to DIR")
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -172,6 +174,11 @@ def _sweep(args: argparse.Namespace) -> int:
     tables = write_tables(sweep, test_limit=args.test_limit, say=say)
     print(tables.markdown(), end="")
     say(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'} and {out / 'tradeoff.png'}")
+    if args.export is not None:
+        from rollnet.sweep.export import export_selected
+
+        runs = export_selected(tables, args.export)
+        say(f"exported {len(runs)} runs and the tables to {args.export}")
     failed = [r for r in tables.rows if r.status in ("error", "failed", "killed", "interrupted")]
     pending = [r for r in tables.rows if r.status in ("running", "queued")]
     if pending:

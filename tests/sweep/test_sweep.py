@@ -50,7 +50,8 @@ def trained_lines(run: Path) -> list[str]:
 def test_a_tiny_grid_runs_end_to_end(tmp_path: Path) -> None:
     config, out = toy_config(tmp_path), tmp_path / "sweep"
     grid = ["roll.lam=0.5,2", "roll.C=1,4"]
-    assert main(["sweep", str(config), *grid_args(grid), "--out", str(out)]) == 0
+    results = tmp_path / "results"
+    assert main(["sweep", str(config), *grid_args(grid), "--out", str(out), "--export", str(results)]) == 0
     runs = sorted(p.name for p in (out / "trials").iterdir())
     assert runs == sorted(["vanilla", "roll.lam=0.5,roll.C=1", "roll.lam=0.5,roll.C=4", "roll.lam=2,roll.C=1",
                            "roll.lam=2,roll.C=4"])
@@ -73,6 +74,13 @@ def test_a_tiny_grid_runs_end_to_end(tmp_path: Path) -> None:
     best = json.loads((out / "trials" / "vanilla" / "best.json").read_text())
     assert doc["rows"][0]["val_acc"] == best["metrics"]["val_acc"]
     assert main(["evaluate", str(out / "trials" / "vanilla"), "--limit", "20"]) == 0
+    # the export holds what rollnet evaluate needs to check a row: the vanilla and the selected runs
+    exported = {p.name for p in results.iterdir() if p.is_dir()}
+    assert "vanilla" in exported and exported <= set(runs)
+    assert {"sweep.md", "sweep.json", "tradeoff.png"} <= {p.name for p in results.iterdir()}
+    for name in exported:
+        assert not list((results / name).glob("trainer-*")) and not (results / name / "last.json").exists()
+        assert main(["evaluate", str(results / name), "--limit", "20", "--out", str(tmp_path / "ev")]) == 0
 
     # rerunning skips every finished point: nothing is trained again
     stamps = {p.name: (p / "best.json").stat().st_mtime_ns for p in (out / "trials").iterdir()}
