@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench data browser clean
+.PHONY: demo test lint bench data browser clean reproduce-mnist reproduce-mnist-fashion reproduce-vowels reproduce-resnet
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,32 @@ test: $(STAMP) data browser
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m mypy
 	$(PY) -m pytest -q
+
+# The paper's experiments with rollnet sweep (docs/reproduction.md): not part of make test.
+# Each is resumable: rerun the target after an interruption. JOBS workers share the cores.
+JOBS ?= 2
+SWEEP := $(PY) -m rollnet sweep
+
+reproduce-mnist: $(STAMP)
+	$(SWEEP) configs/mnist_roll_c025.json --set roll.approx=3 epochs=270 val_margin_samples=0 progress=false \
+		--grid roll.lam=1,2,4,8 --grid roll.C=0.25,1 --jobs $(JOBS) --out sweeps/mnist --study mnist \
+		--export results/mnist
+
+reproduce-mnist-fashion: $(STAMP) data
+	$(SWEEP) configs/mnist_roll_c025.json --set data.name=fashion_mnist roll.approx=3 epochs=20 val_margin_samples=0 \
+		progress=false --grid roll.lam=2,8 --grid roll.C=0.25,1 --jobs $(JOBS) --val-limit 1000 --test-limit 1000 \
+		--out sweeps/mnist-fashion --study mnist-fashion --export results/mnist-fashion
+
+reproduce-vowels: $(STAMP)
+	$(SWEEP) configs/vowels_roll.json --set epochs=50 val_margin_samples=0 progress=false \
+		--grid roll.lam=0.03125,0.25 --jobs $(JOBS) --out sweeps/vowels --study vowels --export results/vowels
+
+reproduce-resnet: $(STAMP) data
+	$(SWEEP) configs/fashion_resnet_roll_approx.json --set data.train_size=5000 epochs=10 val_margin_samples=0 \
+		progress=false --grid roll.lam=0.001,0.01,0.1 --jobs $(JOBS) --val-limit 200 --test-limit 500 \
+		--out sweeps/resnet --study resnet --export results/resnet
+	$(PY) -m rollnet evaluate $$(ls -d results/resnet/*/) --limit 100 --distortion 0.03125 --samples 1000 \
+		--population 480 --generations 10 --out results/resnet
 
 # make bench BENCH_ARGS="--device cuda" on a machine with a GPU
 BENCH_ARGS ?=
