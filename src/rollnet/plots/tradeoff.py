@@ -59,5 +59,5 @@ def plot_tradeoff(points: Sequence[tuple[float, float]], path: str | Path, *, fr
         ax.set_ylabel("accuracy (%)")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(loc="lower left", fontsize=8)
+        ax.legend(loc="upper right", fontsize=8)  # the corner a trade-off leaves empty
     return Path(path)

@@ -174,7 +174,9 @@ class SweepTables:
         if reports:
             ref = self.tests.get(sel.reference.key)
             lines += ["", "Test figures of the selected runs (computed after the selection):", "",
-                      to_markdown(reports).rstrip("\n")]
+                      to_markdown(reports).rstrip("\n"), "",
+                      "Spearman's rank correlation of the l1 and l2 test margins: "
+                      + ", ".join(f"`{r.model}` {r.spearman_l1_l2:.3f}" for r in reports) + "."]
             if ref is not None:
                 ref_p50 = ref.margins[units]["l2"]["P50"]
                 for r in reports[1:]:
