@@ -229,3 +229,25 @@ def test_a_budget_runs_that_many_distinct_points_with_the_reference(tmp_path: Pa
     assert len(doc["rows"]) == 3 and doc["selection"]["reference"] == "vanilla"
     assert main(args) == 0  # rerun: the budget is spent, nothing more runs
     assert {p.name for p in (out / "trials").iterdir()} == runs
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_sweep_of_two_jobs_stops_both_workers_after_saving(tmp_path: Path) -> None:
+    config, out = toy_config(tmp_path, epochs=150, checkpoint_every=5), tmp_path / "sweep"
+    args = ["sweep", str(config), "--grid", "roll.lam=0.5,1", "--out", str(out), "--no-reference", "--jobs", "2"]
+    proc = subprocess.Popen(_cli(*args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("trials/*/last.json"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "asking the 2 workers to stop" in err
+    study = open_study(Sweep(base=load_config(config), grid=parse_grid(["roll.lam=0.5,1"], load_config(config)),
+                             out=out, study_name="toy"))
+    stopped = [t for t in study.trials if t.user_attrs.get("status") == "interrupted"]
+    assert stopped and not [t for t in study.trials if t.state.name == "RUNNING"]
+    assert main(args[:-2]) == 0  # one worker finishes both; the stopped runs resume from their checkpoints
+    for t in stopped:
+        words = [line.split()[0] for line in trained_lines(out / "trials" / t.user_attrs["key"])]
+        assert words == ["training", "resuming"]
