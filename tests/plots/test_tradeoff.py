@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from rollnet.plots.tradeoff import plot_tradeoff  # noqa: E402
+from rollnet.plots.tradeoff import plot_tradeoff
 
 
 def test_draws_runs_front_and_marks(tmp_path: Path) -> None:
