@@ -164,6 +164,8 @@ def _sweep(args: argparse.Namespace) -> int:
                   trials=args.trials, seed=args.seed, val_limit=args.val_limit, heartbeat=args.heartbeat)
     say = _stderr
     status = 0
+    if args.table_only and args.storage is None and not (out / "study.db").is_file():
+        raise ValueError(f"no sweep in {out} (no {out / 'study.db'}): run the sweep first, or pass its --storage")
     if not args.table_only:
         say(f"sweep {sweep.study_name}: {len(sweep.keys())} runs ({len(grid)} grid points) in {out}; "
             f"storage {sweep.storage_url()}")

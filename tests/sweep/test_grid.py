@@ -77,3 +77,10 @@ def test_the_reference_is_added_unless_present() -> None:
     assert with_reference(grid, base()) == grid
     unvaried = with_reference(parse_grid(["roll.C=1,4"], base()), base())
     assert unvaried.values == {"roll.lam": (2.0, 0), "roll.C": (1, 4)}
+
+
+def test_long_keys_are_cut_to_a_file_name_with_a_digest() -> None:
+    grid = parse_grid(["model.hidden=[[" + ",".join(["300"] * 60) + "],[" + ",".join(["300"] * 61) + "]]"], base())
+    keys = [point_key(p, base()) for p in grid.points()]
+    assert len(set(keys)) == 2 and all(len(k.encode()) <= 200 for k in keys)
+    assert all(k.startswith("model.hidden=[300,300") for k in keys)

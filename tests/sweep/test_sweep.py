@@ -251,3 +251,13 @@ def test_sigterm_to_a_sweep_of_two_jobs_stops_both_workers_after_saving(tmp_path
     for t in stopped:
         words = [line.split()[0] for line in trained_lines(out / "trials" / t.user_attrs["key"])]
         assert words == ["training", "resuming"]
+
+
+def test_tables_of_a_sweep_that_never_ran_are_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config, out = toy_config(tmp_path), tmp_path / "nothing"
+    assert main(["sweep", str(config), "--grid", "roll.lam=1", "--out", str(out), "--table-only"]) == 1
+    assert "no sweep in" in capsys.readouterr().err and not out.exists()
+    journal = tmp_path / "j.log"
+    assert main(["sweep", str(config), "--grid", "roll.lam=1", "--out", str(out), "--table-only",
+                 "--storage", str(journal)]) == 1
+    assert "no study 'toy'" in capsys.readouterr().err

@@ -18,6 +18,7 @@ share one :func:`point_key`: with ``roll.lam = 0`` (a vanilla run) the other
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from collections.abc import Iterator, Mapping, Sequence
@@ -44,6 +45,8 @@ GridValue = None | bool | int | float | str
 
 REFERENCE_KEY = "vanilla"
 """The :func:`point_key` of the vanilla reference run (``roll.lam = 0``)."""
+
+_MAX_KEY = 200  # bytes of a run key (a directory name)
 
 # settings a sweep may not vary: they name or place the run, or only change how it is shown
 _FIXED = ("name", "progress", "device")
@@ -201,8 +204,11 @@ def point_key(point: Mapping[str, Any], base: TrainConfig) -> str:
             continue
         text = json.dumps(v, separators=(",", ":")) if not isinstance(v, str) else v
         parts.append(f"{k}={text}")
-    key = ",".join(parts)
-    return key.replace("/", "%2F").replace("\\", "%5C") or REFERENCE_KEY
+    key = ",".join(parts).replace("/", "%2F").replace("\\", "%5C") or REFERENCE_KEY
+    if len(key.encode()) > _MAX_KEY:  # a file name has at most 255 bytes: keep a readable head and a digest
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        key = key.encode()[: _MAX_KEY - 17].decode(errors="ignore") + "-" + digest
+    return key
 
 
 def with_reference(grid: Grid, base: TrainConfig) -> Grid:

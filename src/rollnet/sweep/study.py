@@ -167,16 +167,20 @@ def _sampler(sweep: Sweep) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=min(10, sweep.trials or 10))
 
 
-def open_study(sweep: Sweep) -> optuna.Study:
-    """Create the sweep's study, or load it and check it is the same sweep.
+def open_study(sweep: Sweep, *, create: bool = True) -> optuna.Study:
+    """Create the sweep's study (unless ``create`` is false), or load it and check it is the same sweep.
 
     Raises:
-        SweepError: the storage cannot be opened, or its study of that name was made by a
-            different sweep (config, grid, budget, seed or validation limit).
+        SweepError: the storage cannot be opened, its study of that name was made by a
+            different sweep (config, grid, budget, seed or validation limit), or (``create=False``)
+            there is no such study.
     """
     import optuna
 
-    study = optuna.create_study(storage=open_storage(sweep), study_name=sweep.study_name,
+    storage = open_storage(sweep)
+    if not create and sweep.study_name not in {s.study_name for s in storage.get_all_studies()}:
+        raise SweepError(f"no study {sweep.study_name!r} in {sweep.storage_url()}: run the sweep first")
+    study = optuna.create_study(storage=storage, study_name=sweep.study_name,
                                 sampler=_sampler(sweep), directions=["maximize", "maximize"], load_if_exists=True)
     if [d.name.lower() for d in study.directions] != list(DIRECTIONS):
         raise SweepError(f"study {sweep.study_name!r} in {sweep.storage_url()} is not a rollnet sweep "

@@ -233,7 +233,7 @@ def write_tables(sweep: Sweep, *, test_limit: int | None = None, picture: bool =
     """
     from rollnet.sweep.selection import MissingReferenceError
 
-    study = open_study(sweep)
+    study = open_study(sweep, create=False)
     rows = sweep_rows(study, sweep)
     selection: Selection | None = None
     error: str | None = None

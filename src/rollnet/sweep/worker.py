@@ -167,12 +167,14 @@ class _Objective:
         self.say = say
         self.owner_ids = _owner_grid_ids(study, sweep) if sweep.mode == "grid" else {}
         self.new_point = False
+        self.progress = False
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         import optuna
 
         sweep = self.sweep
         self.new_point = False
+        self.progress = False
         space = sweep.grid.search_space()
         raw = {k: trial.suggest_categorical(k, space[k]) for k in sweep.grid.keys}
         point = {k: decode(k, v, sweep.grid) for k, v in raw.items()}
@@ -180,6 +182,8 @@ class _Objective:
         for name, value in (("key", key), ("host", host_id()), ("pid", os.getpid())):
             trial.set_user_attr(name, value)
         role = self._role(trial, key)
+        # progress: a point run, or a grid number walked past (a vanilla alias); not a duplicate draw
+        self.progress = role is None or (role[0] == "same_as" and trial.number < len(sweep.grid))
         if role is not None:
             status, note, values = role
             trial.set_user_attr("status", status)
@@ -447,16 +451,17 @@ def _loop(sweep: Sweep, say: Callable[[str], None]) -> WorkerOutcome:
         except KeyboardInterrupt:
             say(f"worker {os.getpid()}: interrupted; rerun the sweep to continue")
             return WorkerOutcome("stopped", "SIGINT", ran=ran)
-        if objective.new_point:
-            ran += 1
+        ran += objective.new_point
+        if objective.progress:
             idle = 0
-        else:
-            idle += 1
-            if sweep.mode == "budget" and idle >= _STALE_PROPOSALS:
-                say(f"worker {os.getpid()}: the sampler drew {idle} points in a row that were already run; stopping")
-                return WorkerOutcome("done", ran=ran)
-            if idle % 10 == 0:
-                time.sleep(0.5)  # others' trials are starting: let them write their points
+            continue
+        idle += 1
+        if idle >= _STALE_PROPOSALS:
+            say(f"worker {os.getpid()}: the sampler drew {idle} points in a row that were already taken; stopping "
+                f"(missing: {', '.join(_work_left(study, sweep)[1]) or 'none'})")
+            return WorkerOutcome("done", ran=ran)
+        if idle % 10 == 0:
+            time.sleep(0.5)  # others' trials are starting: let them write their points
 
 
 @contextlib.contextmanager
