@@ -51,7 +51,7 @@ reproduce-mnist: $(STAMP)
 
 reproduce-mnist-fashion: $(STAMP) data
 	$(SWEEP) configs/mnist_roll_c025.json --set data.name=fashion_mnist roll.approx=3 epochs=20 val_margin_samples=0 \
-		progress=false --grid roll.lam=2,8 --grid roll.C=0.25,1 --jobs $(JOBS) --val-limit 1000 --test-limit 1000 \
+		progress=false --grid roll.lam=2,8 --grid roll.C=1 --jobs $(JOBS) --val-limit 1000 --test-limit 1000 \
 		--out sweeps/mnist-fashion --study mnist-fashion --export results/mnist-fashion
 
 reproduce-vowels: $(STAMP)
