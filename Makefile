@@ -62,8 +62,8 @@ reproduce-resnet: $(STAMP) data
 	$(SWEEP) configs/fashion_resnet_roll_approx.json --set data.train_size=5000 epochs=10 val_margin_samples=0 \
 		progress=false --grid roll.lam=0.001,0.01 --jobs $(JOBS) --val-limit 200 --test-limit 100 \
 		--out sweeps/resnet --study resnet --export results/resnet
-	$(PY) -m rollnet evaluate $$(ls -d results/resnet/*/) --limit 50 --distortion 0.03125 --samples 500 \
-		--population 240 --generations 10 --out results/resnet
+	$(PY) -m rollnet evaluate $$(ls -d results/resnet/*/) --limit 20 --distortion 0.03125 --samples 200 \
+		--population 120 --generations 5 --out results/resnet
 
 # make bench BENCH_ARGS="--device cuda" on a machine with a GPU
 BENCH_ARGS ?=
