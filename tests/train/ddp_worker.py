@@ -18,6 +18,13 @@ import signal
 import sys
 
 
+def say(line: str) -> None:
+    """One line in one write: the ranks share stdout (unbuffered, print() would write the text and
+    its newline separately, and another rank's line could land in between)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _train(argv: list[str]) -> int:
     rank = int(os.environ["RANK"])
     if "--sigterm-rank" in argv:
@@ -57,8 +64,8 @@ def _train(argv: list[str]) -> int:
         result = real_train(*args, **kwargs)
         # what this rank computed (every rank must get the same validation metrics)
         history = [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in result.state.history]
-        print(f"history of rank {rank}: {json.dumps(history, sort_keys=True)}", flush=True)
-        print(f"shard sizes of rank {rank}: {json.dumps(sizes)}", flush=True)
+        say(f"history of rank {rank}: {json.dumps(history, sort_keys=True)}")
+        say(f"shard sizes of rank {rank}: {json.dumps(sizes)}")
         return result
 
     rollnet.train.train = train
@@ -99,7 +106,7 @@ def _grads() -> int:
         assert torch.allclose(p.grad, total / size, atol=1e-6), "the gradients were not all-reduced"
         assert not torch.allclose(mine, total / size), "the shards' gradients should differ"
     dist.destroy_process_group()
-    print(f"rank {rank}: gradients all-reduced", flush=True)
+    say(f"rank {rank}: gradients all-reduced")
     return 0
 
 
