@@ -212,7 +212,7 @@ def test_two_commands_sharing_one_storage_never_run_the_same_point(tmp_path: Pat
     procs = [subprocess.Popen(_cli(*args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outputs]
+    assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(o[1][-2000:] for o in outputs)
     trained = [line for _, err in outputs for line in err.splitlines() if ": training in " in line]
     assert len(trained) == 7  # each of the 7 runs once, shared between the two commands
     _assert_each_point_ran_once(out, sweep_of(config, out, grid, storage=url))

@@ -21,6 +21,7 @@ run (``key``, ``run_dir``), where it ran (``host``, ``pid``) and its scores.
 from __future__ import annotations
 
 import socket
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -147,16 +148,32 @@ def open_storage(sweep: Sweep) -> optuna.storages.BaseStorage:
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
             kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
-                return optuna.storages.RDBStorage(url, heartbeat_interval=sweep.heartbeat,
-                                                  grace_period=2 * sweep.heartbeat, **kwargs)
-        except Exception as err:  # SQLAlchemy raises many kinds (bad URL, driver missing, ...)
-            raise SweepError(f"cannot open the storage {url!r}: {err}") from err
+        # Workers started together on a fresh database race to create its tables: the loser's
+        # error ("table ... already exists", "database is locked") goes away once the winner is done.
+        for attempt in range(_OPEN_ATTEMPTS):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats
+                    return optuna.storages.RDBStorage(url, heartbeat_interval=sweep.heartbeat,
+                                                      grace_period=2 * sweep.heartbeat, **kwargs)
+            except Exception as err:  # SQLAlchemy raises many kinds (bad URL, driver missing, ...)
+                if attempt + 1 < _OPEN_ATTEMPTS and _transient(err):
+                    time.sleep(0.5 * (attempt + 1))
+                    continue
+                raise SweepError(f"cannot open the storage {url!r}: {err}") from err
     path = Path(url)
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
+
+
+_OPEN_ATTEMPTS = 6
+
+
+def _transient(err: BaseException) -> bool:
+    """A database error another process's schema creation can cause (retried), not a bad URL."""
+    import sqlalchemy.exc
+
+    return isinstance(err, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError))
 
 
 def _sampler(sweep: Sweep) -> optuna.samplers.BaseSampler:
