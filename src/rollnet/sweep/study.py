@@ -23,7 +23,7 @@ from __future__ import annotations
 import socket
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -267,12 +267,3 @@ def trial_point(study: optuna.Study, sweep: Sweep, trial: FrozenTrial) -> dict[s
 def host_id() -> str:
     """This machine's name, as recorded in each trial (``host``)."""
     return socket.gethostname()
-
-
-def statuses(trials: Sequence[FrozenTrial]) -> dict[str, int]:
-    """How many trials have each ``status`` user attribute (for messages)."""
-    out: dict[str, int] = {}
-    for t in trials:
-        s = str(t.user_attrs.get("status", t.state.name.lower()))
-        out[s] = out.get(s, 0) + 1
-    return out

@@ -479,9 +479,3 @@ def _terminate_as_exception() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def scores_of(trial: FrozenTrial) -> dict[str, Any] | None:
-    """The validation scores a trial recorded (``None`` if it has none)."""
-    scores = trial.user_attrs.get("scores")
-    return dict(scores) if isinstance(scores, dict) else None
