@@ -236,6 +236,21 @@ def test_linear_regions_object_agrees_with_functions() -> None:
     assert regions.num_neurons == z.shape[1] == sum(size for _, _, size in regions.neuron_info())
 
 
+@pytest.mark.parametrize("name", ["conv_bn", "torchvision_block"])
+def test_several_norms_at_once_equal_one_norm_at_a_time(name: str) -> None:
+    model, shape = make(name)
+    x = _inputs(shape)
+    got = rollnet.margin(model, x, p=(2, "inf", 1, 2))
+    assert isinstance(got, tuple) and len(got) == 4
+    for p, radius in zip((2.0, math.inf, 1.0, 2.0), got, strict=True):
+        assert torch.equal(radius, rollnet.margin(model, x, p=p))
+    assert rollnet.margin(model, x[:0], p=[1, 2])[1].shape == (0,)
+    with pytest.raises(ValueError, match="at least one norm"):
+        rollnet.margin(model, x, p=())
+    with pytest.raises(ValueError, match="p must be 1, 2 or inf"):
+        rollnet.margin(model, x, p=(2, 3))
+
+
 @pytest.mark.parametrize("name", ["mlp_image", "conv_bn", "rnn"])
 def test_tiny_memory_budget_gives_identical_results(name: str) -> None:
     """Chunking over examples and directions must not change any number."""

@@ -24,7 +24,7 @@ import bisect
 import copy
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor, nn
@@ -324,10 +324,24 @@ class LinearRegions:
 # functions
 
 
+@overload
 def margin(
     model: nn.Module, x: Tensor, p: Norm = 2, *, additional_forward_args: Any = None,
     memory_budget: int | None = None, rounding: Rounding = "sound",
-) -> Tensor:
+) -> Tensor: ...
+
+
+@overload
+def margin(
+    model: nn.Module, x: Tensor, p: Sequence[Norm], *, additional_forward_args: Any = None,
+    memory_budget: int | None = None, rounding: Rounding = "sound",
+) -> tuple[Tensor, ...]: ...
+
+
+def margin(
+    model: nn.Module, x: Tensor, p: Norm | Sequence[Norm] = 2, *, additional_forward_args: Any = None,
+    memory_budget: int | None = None, rounding: Rounding = "sound",
+) -> Tensor | tuple[Tensor, ...]:
     """Radius of the largest lp ball around each input inside its linear region.
 
     Exact and closed form: eps_p(x) = min_j |z_j(x)| / ||grad z_j(x)||_q over all
@@ -338,7 +352,9 @@ def margin(
     Args:
         model: the network, run in eval mode (flags restored afterwards).
         x: ``[B, *input_shape]`` inputs.
-        p: 1, 2, or ``float("inf")`` / ``"inf"``.
+        p: 1, 2, or ``float("inf")`` / ``"inf"``; or a sequence of them, such as
+            ``(2, "inf")``: every radius from the same pass over the input axes (each
+            neuron gradient's norms are reduced on the fly, no gradient row is held).
         additional_forward_args: further arguments of the model, ``model(x, *args)``:
             one value or a tuple (Captum's convention), never perturbed; tensors with one
             entry per example (sequence ``lengths`` ``[B]``) are cut with the batch.
@@ -353,7 +369,8 @@ def margin(
             float32: by up to 51%).  See :mod:`rollnet.rounding`.
 
     Returns:
-        ``[B]`` radii in the units of the model's input (``inf`` where no neuron can flip).
+        ``[B]`` radii in the units of the model's input (``inf`` where no neuron can flip);
+        for a sequence ``p``, a tuple of them in the order of ``p``.
 
     Example:
         >>> import torch, rollnet
@@ -362,20 +379,27 @@ def margin(
         ...     _ = net[0].weight.fill_(2.0), net[0].bias.fill_(-1.0)
         >>> rollnet.margin(net, torch.tensor([[2.0]]), p=2)  # z = 3, |dz/dx| = 2
         tensor([1.5000])
+        >>> l2, linf = rollnet.margin(net, torch.tensor([[2.0]]), p=(2, "inf"))  # one pass
     """
-    q = _DUAL[parse_norm(p)]
+    several = isinstance(p, Sequence) and not isinstance(p, str)
+    norms = [parse_norm(v) for v in p] if several else [parse_norm(p)]  # type: ignore[union-attr]
+    if not norms:
+        raise ValueError("p must name at least one norm (1, 2 or inf)")
+    duals = [_DUAL[v] for v in norms]
     x = check_input(x)
     args = check_forward_args(additional_forward_args, x)
     rounding = check_rounding(rounding)
     if x.shape[0] == 0:
-        return x.new_empty(0)
-    work = working(model, x, rounding, args)
-    with torch.no_grad(), eval_mode(work.model), work.arithmetic():
-        got = collect(
-            work.model, work.x, unit_directions(x.shape[1:]), Request(norms=(q,)), memory_budget=memory_budget,
-            forward_args=work.args,
-        )
-    return work.certificate(_margin_from(got.values, got.norms[q]))
+        radii = tuple(x.new_empty(0) for _ in duals)
+    else:
+        work = working(model, x, rounding, args)
+        with torch.no_grad(), eval_mode(work.model), work.arithmetic():
+            got = collect(
+                work.model, work.x, unit_directions(x.shape[1:]), Request(norms=tuple(dict.fromkeys(duals))),
+                memory_budget=memory_budget, forward_args=work.args,
+            )
+        radii = tuple(work.certificate(_margin_from(got.values, got.norms[q])) for q in duals)
+    return radii if several else radii[0]
 
 
 def _directional(work: Working, x: Tensor, direction: Tensor, memory_budget: int | None) -> Tensor:
