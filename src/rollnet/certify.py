@@ -382,7 +382,7 @@ def margin(
         >>> l2, linf = rollnet.margin(net, torch.tensor([[2.0]]), p=(2, "inf"))  # one pass
     """
     several = isinstance(p, Sequence) and not isinstance(p, str)
-    norms = [parse_norm(v) for v in p] if several else [parse_norm(p)]  # type: ignore[union-attr]
+    norms = [parse_norm(v) for v in p] if isinstance(p, Sequence) and not isinstance(p, str) else [parse_norm(p)]
     if not norms:
         raise ValueError("p must name at least one norm (1, 2 or inf)")
     duals = [_DUAL[v] for v in norms]
