@@ -333,13 +333,13 @@ def margin(
 
 @overload
 def margin(
-    model: nn.Module, x: Tensor, p: Sequence[Norm], *, additional_forward_args: Any = None,
+    model: nn.Module, x: Tensor, p: tuple[Norm, ...] | list[Norm], *, additional_forward_args: Any = None,
     memory_budget: int | None = None, rounding: Rounding = "sound",
 ) -> tuple[Tensor, ...]: ...
 
 
 def margin(
-    model: nn.Module, x: Tensor, p: Norm | Sequence[Norm] = 2, *, additional_forward_args: Any = None,
+    model: nn.Module, x: Tensor, p: Norm | tuple[Norm, ...] | list[Norm] = 2, *, additional_forward_args: Any = None,
     memory_budget: int | None = None, rounding: Rounding = "sound",
 ) -> Tensor | tuple[Tensor, ...]:
     """Radius of the largest lp ball around each input inside its linear region.
@@ -381,8 +381,8 @@ def margin(
         tensor([1.5000])
         >>> l2, linf = rollnet.margin(net, torch.tensor([[2.0]]), p=(2, "inf"))  # one pass
     """
-    several = isinstance(p, Sequence) and not isinstance(p, str)
-    norms = [parse_norm(v) for v in p] if isinstance(p, Sequence) and not isinstance(p, str) else [parse_norm(p)]
+    several = isinstance(p, (tuple, list))
+    norms = [parse_norm(v) for v in p] if isinstance(p, (tuple, list)) else [parse_norm(p)]
     if not norms:
         raise ValueError("p must name at least one norm (1, 2 or inf)")
     duals = [_DUAL[v] for v in norms]
