@@ -19,7 +19,7 @@ part() {  # part NAME SECONDS COMMAND...
     tail -n 60 "$out/$name.log"
 }
 # PARTS picks and orders what runs (default: all of them)
-for name in ${PARTS:-cuda_tests profile_cuda bench_training bench_training_1024 bench_engine bench_margins bench_maxpool}; do
+for name in ${PARTS:-cuda_tests profile_cuda bench_training bench_training_1024 bench_engine bench_margins bench_maxpool bench_conv}; do
     case $name in
         cuda_tests) part cuda_tests "${T_TESTS:-120}" "$py" -m pytest -q -p no:cacheprovider -o addopts="-ra" tests/test_cuda.py ;;
         profile_cuda) part profile_cuda "${T_PROFILE:-60}" "$py" benchmarks/profile_cuda.py ;;
@@ -29,6 +29,7 @@ for name in ${PARTS:-cuda_tests profile_cuda bench_training bench_training_1024 
         bench_engine) part bench_engine "${T_ENGINE:-80}" "$py" benchmarks/bench_engine.py --device cuda ;;
         bench_margins) part bench_margins "${T_MARGINS:-80}" "$py" benchmarks/bench_margins.py --device cuda ;;
         bench_maxpool) part bench_maxpool "${T_MAXPOOL:-30}" "$py" benchmarks/bench_maxpool.py --device cuda ;;
+        bench_conv) part bench_conv "${T_CONV:-300}" "$py" benchmarks/bench_conv.py --device cuda ;;
         *) echo "unknown part $name"; exit 2 ;;
     esac
 done
