@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rollnet.engine import window
 from rollnet.engine.capture import NeuronGroup, batch_shared, run_traced
 from rollnet.engine.gram import GramTangent, GramUnsupported
 
@@ -79,6 +80,12 @@ _GRAM_TEMPORARIES = 1.5
 # chunks there fill the whole budget (measured on an H200: the residual conv net's margin took
 # 486 ms in 192 chunks of 128 MiB against 39 ms for jacfwd + vmap).
 _WORKING_SET = 128 << 20
+# Tiled passes (rollnet.engine.window) hold much less than the dense plan counts, and larger tiles
+# trade fewer passes (each repeats the primal forward) against boxes that grow with the tile.
+# Measured on the ResNet-18 layout at 3x64x64, both dual norms, one image on 2 cores: tiles of
+# 75 axes (the dense plan) 15.5 s, 300 axes (what this limit gives: 4 dense chunks) 12.1-13.7 s,
+# 588 axes 11.4-16 s, 1,200 axes 15.7 s.
+_TILE_WORKING_SET = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,11 @@ class Directions:
     indices: Tensor | None = None
     vectors: Tensor | None = None
 
-    def chunk(self, start: int, stop: int, x: Tensor, b0: int) -> tuple[Tensor, Tensor | None]:
+    def bounds(self, chunk: int) -> list[tuple[int, int]]:
+        """The ``(start, stop)`` of each pass's directions, ``chunk`` at a time."""
+        return [(k0, min(k0 + chunk, self.count)) for k0 in range(0, self.count, chunk)]
+
+    def chunk(self, start: int, stop: int, x: Tensor, b0: int) -> tuple[Any, Tensor | None]:
         """Tangent ``[k, b, *input_shape]`` for directions ``start:stop`` and examples ``b0:b0+b``."""
         b, in_shape = x.shape[0], x.shape[1:]
         if self.indices is not None and self.indices.dim() == 2:  # one axis per example
@@ -115,6 +126,36 @@ class Directions:
         if v.dim() == x.dim():  # shared by every example
             return v.unsqueeze(1).expand(v.shape[0], b, *in_shape), None
         return v[:, b0 : b0 + b], None
+
+
+@dataclass(frozen=True)
+class TiledAxes(Directions):
+    """All input axes of a ``[C, *spatial]`` input, in tiles of pixels (every channel of a pixel
+    in its tile): direction k is axis ``indices[k]``, and each tile's chunk of directions is a
+    :class:`~rollnet.engine.window.WindowTangent` on the tile's box."""
+
+    boxes: list[tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    channels: int = 0
+    spatial: tuple[int, ...] = ()
+
+    def bounds(self, chunk: int) -> list[tuple[int, int]]:
+        out, k0 = [], 0
+        for _, size in self.boxes:
+            k1 = k0 + self.channels * math.prod(size)
+            out.append((k0, k1))
+            k0 = k1
+        return out
+
+    def chunk(self, start: int, stop: int, x: Tensor, b0: int) -> tuple[Any, Tensor | None]:
+        assert self.indices is not None
+        k0 = 0
+        for box_start, size in self.boxes:
+            if k0 == start:
+                tangent = window.one_hot_tile(box_start, size, self.channels, self.spatial, x.shape[0], x)
+                assert stop == k0 + self.channels * math.prod(size)
+                return tangent, self.indices[start:stop].to(x.device)
+            k0 += self.channels * math.prod(size)
+        raise ValueError(f"no tile starts at direction {start}")
 
 
 def unit_directions(input_shape: torch.Size | tuple[int, ...]) -> Directions:
@@ -209,10 +250,10 @@ def _reduce_over_directions(t: Tensor, q: float) -> Tensor:
     return t.abs().amax(0)
 
 
-def _crossings(group: NeuronGroup, t: Tensor) -> tuple[Tensor, Tensor]:
+def _crossings(group: NeuronGroup, t: Tensor, signs: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``[K, B]`` distance along +d_k and -d_k before a neuron of ``group`` flips."""
     absz = group.values.detach().abs()
-    s = group.signs()
+    s = group.signs() if signs is None else signs
     prod = t.detach() * s
     inf = torch.tensor(math.inf, dtype=t.dtype, device=t.device)
     plus = torch.where(prod < 0, absz / (-prod), inf)
@@ -262,6 +303,12 @@ class _ChunkObserver:
             raise RuntimeError("the model ran differently on the same input (non-deterministic forward)")
         t = group.tangents
         req = self.request
+        if group.window is not None:
+            if req.rows or req.squared_l2:
+                t = group.window.dense().flatten(2)
+            else:
+                self._windowed(group)
+                return
         if t is None:
             if group.squared_norms is not None:  # a Gram pass: squared l2 norms only
                 self._accumulate_squared(group.squared_norms)
@@ -289,6 +336,31 @@ class _ChunkObserver:
                 full = block.new_empty((block.shape[0], block.shape[1], self.k_total))
                 self.rows.append(full)
             self.rows[i][:, :, self.k0 : self.k0 + block.shape[2]] = block
+
+    def _windowed(self, group: NeuronGroup) -> None:
+        """Norms and crossings of a windowed group: reduced on the box, added into its place."""
+        w, i = group.window, group.index
+        data = w.data.detach()
+        for q in self.request.norms:
+            part = _reduce_over_directions(data, q)  # [B, C, *box]
+            if self.first:
+                self.norms[q].append(w.reduced(part).flatten(1))
+                continue
+            into = self.norms[q][i].view(part.shape[0], part.shape[1], *w.full)[w.slices()]
+            if q == math.inf:
+                torch.maximum(into, part, out=into)
+            else:
+                into += part
+        if self.request.crossings:
+            shape = (group.values.shape[0], data.shape[2], *w.full)
+            values = group.values.detach().reshape(shape)[w.slices()]
+            signs = group.signs().reshape(shape)[w.slices()]
+            k, b = data.shape[0], data.shape[1]
+            boxed = NeuronGroup(i, group.module_path, group.op, values.reshape(b, -1), None,
+                                group.pattern, group.always_on)
+            boxed_signs = signs.reshape(b, -1)
+            p, m = _crossings(boxed, data.reshape(k, b, -1), signs=boxed_signs)
+            self._min_into(p, m)
 
     def _accumulate_squared(self, squared: Tensor) -> None:
         """A Gram pass runs once per batch chunk, so each group arrives once."""
@@ -435,6 +507,7 @@ def collect(
     plan: tuple[int, int] | None = None,
     update_running_stats: bool = False,
     forward_args: tuple[Any, ...] = (),
+    locality: bool = True,
 ) -> Collected:
     """Run the linearized network on ``x`` along ``directions`` and keep what ``request`` asks.
 
@@ -460,6 +533,10 @@ def collect(
         forward_args: further arguments, ``model(x, *forward_args)`` (Captum's
             ``additional_forward_args``): never perturbed; tensors with one entry per
             example are cut with the batch chunks.
+        locality: when the directions are all the axes of a feature-map input and no
+            gradient is recorded, take them tile by tile and keep each pass's tangents in
+            the box they can reach (:mod:`rollnet.engine.window`); ``False`` pushes dense
+            tangents (the same numbers, up to the order of sums).
     """
     if method not in ("auto", "gram", "rows"):
         raise ValueError(f"method must be 'auto', 'gram' or 'rows', got {method!r}")
@@ -485,6 +562,9 @@ def collect(
     # CPU chunks hold at most the working set each: hand memory back once a budget's worth passed
     trim = directions is not None and (bc < b or kc < k_total) and x.device.type == "cpu"
     trim_every, passes, peak = max(1, budget // _chunk_bytes(budget, x.device)), 0, 0
+    tiled = _plan_tiles(directions, x, kc, budget) if locality else None
+    if tiled is not None:
+        directions = tiled
     for b0 in range(0, max(b, 1), bc):  # (an empty batch: one empty chunk)
         xb = x[b0 : b0 + bc]
         args = batch_slice(forward_args, b0, b0 + bc, b)
@@ -492,9 +572,9 @@ def collect(
         if directions is None:
             traced(model, xb, obs, tangent=None, forward_args=args)
         else:
-            for k0 in range(0, k_total, kc):
+            for k0, k1 in directions.bounds(kc):
                 obs.start(k0)
-                tangent, unit = directions.chunk(k0, min(k0 + kc, k_total), xb, b0)
+                tangent, unit = directions.chunk(k0, k1, xb, b0)
                 _, trace = traced(model, xb, obs, tangent=tangent, unit=unit, forward_args=args)
                 peak = max(peak, trace.peak_bytes)
                 del tangent, unit, trace
@@ -505,7 +585,53 @@ def collect(
         chunks.append(obs)
     result = _assemble(chunks, request, x)
     result.peak_bytes = peak
+    if tiled is not None:
+        _in_axis_order(result, tiled)
     return result
+
+
+def _tiled(directions: Directions | None, x: Tensor, kc: int) -> TiledAxes | None:
+    """All input axes of a feature-map input ``[B, C, *spatial]``, taken tile by tile so each pass's
+    tangents stay in a box while the convolutions let them (:mod:`rollnet.engine.window`).  Only
+    for passes without autograd (the regulariser's passes keep dense tangents)."""
+    if directions is None or directions.indices is None or directions.indices.dim() != 1:
+        return None
+    if x.dim() < 3 or torch.is_grad_enabled() or kc >= directions.count:
+        return None
+    d = math.prod(x.shape[1:])
+    if directions.count != d or not torch.equal(directions.indices.cpu(), torch.arange(d)):
+        return None
+    channels, spatial = x.shape[1], tuple(x.shape[2:])
+    boxes = window.tiles(spatial, channels, kc)
+    axes = [window.tile_axes(start, size, channels, spatial) for start, size in boxes]
+    return TiledAxes(count=d, indices=torch.cat(axes), boxes=boxes, channels=channels, spatial=spatial)
+
+
+def _plan_tiles(directions: Directions | None, x: Tensor, kc: int, budget: int) -> TiledAxes | None:
+    """Tiles for the tiled passes, with more directions per pass than the dense plan's ``kc``.
+
+    A tile's tangents stay in small boxes through the early stages, where dense tangents are
+    largest, so a pass holds far less than the dense count, and fewer passes repeat the primal
+    forward less often.  A pass of ``f * kc`` directions holds at most ``f`` dense chunks, so
+    ``f = min(budget, _TILE_WORKING_SET) // chunk`` keeps even a model without locality under
+    the caller's budget.
+    """
+    chunk = _chunk_bytes(budget, x.device)
+    grow = max(1, min(budget, _TILE_WORKING_SET) // chunk) if x.device.type == "cpu" else 1
+    return _tiled(directions, x, kc * grow)
+
+
+def _in_axis_order(result: Collected, tiled: TiledAxes) -> None:
+    """Put the per-direction results of a tiled pass back in the order of the input axes."""
+    assert tiled.indices is not None
+    inverse = torch.argsort(tiled.indices).to(result.values.device)
+    if result.cross_plus is not None and result.cross_minus is not None:
+        result.cross_plus = result.cross_plus[:, inverse]
+        result.cross_minus = result.cross_minus[:, inverse]
+    if result.rows is not None:
+        result.rows = result.rows[..., inverse]
+    if result.output_rows is not None:
+        result.output_rows = result.output_rows[..., inverse]
 
 
 def _collect_gram(

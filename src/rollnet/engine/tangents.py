@@ -7,7 +7,8 @@ A tracked tensor's tangent is one of
   example shares it);
 - a :class:`~rollnet.engine.tracing.MaskedTangent`: ``raw * mask`` not formed yet;
 - a :class:`~rollnet.engine.gram.GramTangent`: the Gram factors of the Jacobian
-  (squared l2 norms on Linear/ReLU chains).
+  (squared l2 norms on Linear/ReLU chains);
+- a :class:`~rollnet.engine.window.WindowTangent`: a feature map's tangent, zero outside a box.
 
 :func:`scale` and :func:`linear` apply the two maps the affine and activation
 rules need to any of them, so those rules hold no branch per kind.
@@ -20,12 +21,13 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
+from rollnet.engine import window
 from rollnet.engine.gram import GramTangent, GramUnsupported
 from rollnet.engine.tracing import MaskedTangent, batch_shared
 
 __all__ = ["Tangent", "linear", "scale"]
 
-Tangent = Tensor | MaskedTangent | GramTangent | None
+Tangent = Tensor | MaskedTangent | GramTangent | window.WindowTangent | None
 
 
 def scale(t: Any, factor: Tensor, *, per_feature: Tensor | None = None) -> Any:
@@ -39,6 +41,8 @@ def scale(t: Any, factor: Tensor, *, per_feature: Tensor | None = None) -> Any:
     """
     if t is None:
         return None
+    if isinstance(t, window.WindowTangent):
+        return window.scale(t, factor)
     if isinstance(t, GramTangent):
         f = factor if per_feature is None else per_feature
         if f.dim() > 2:

@@ -75,6 +75,8 @@ class NeuronGroup:
         valid: ``[B, n]`` bool, ``False`` for elements that are not neurons (padded time
             steps, see :func:`rollnet.engine.padding.neuron_mask`); ``None`` when all are.
             Their tangents and squared norms are zero and their pattern entries constant.
+        window: in place of ``tangents``, a :class:`~rollnet.engine.window.WindowTangent`
+            ``[K, B, C, *box]`` of the group's ``[B, C, *full]`` map (zero outside the box).
     """
 
     index: int
@@ -86,6 +88,7 @@ class NeuronGroup:
     always_on: bool = False
     squared_norms: Tensor | None = None
     valid: Tensor | None = None
+    window: Any = None
 
     def signs(self) -> Tensor:
         """``[B, n]`` +1 for neurons that are on, -1 for those that are off."""
@@ -211,7 +214,32 @@ class Trace:
         if entry is None or entry[0]() is not value:
             raise KeyError("tensor is not tracked")
         t = entry[1]
-        return t.value() if isinstance(t, MaskedTangent) else t
+        if isinstance(t, MaskedTangent):
+            return t.value()
+        dense = getattr(t, "dense", None)  # a WindowTangent: rules that know boxes ask window()
+        return dense() if dense is not None else t
+
+    def window(self, value: Tensor) -> Any:
+        """The :class:`~rollnet.engine.window.WindowTangent` of a tracked tensor, or ``None`` when its
+        tangent is not one."""
+        entry = self._entries.get(id(value))
+        if entry is None or entry[0]() is not value:
+            return None
+        return entry[1] if hasattr(entry[1], "dense") else None
+
+    def boxed_tangent(self, value: Tensor) -> Any:
+        """The tangent as :meth:`tangent` gives it, but a window stays a window (for rules that
+        pass it on or scale it: :func:`rollnet.engine.tangents.scale`)."""
+        box = self.window(value)
+        return self.tangent(value) if box is None else box
+
+    def is_gram(self, value: Tensor) -> bool:
+        """Whether a tracked tensor carries the Gram recursion's factors."""
+        entry = self._entries.get(id(value))
+        t = None if entry is None else entry[1]
+        if isinstance(t, MaskedTangent):
+            t.value()  # (as reading the tangent does)
+        return type(t).__name__ == "GramTangent"
 
     def masked(self, value: Tensor) -> MaskedTangent | None:
         """The pending ``raw * mask`` of a tracked tensor whose product nobody has formed yet."""
@@ -368,8 +396,9 @@ class Trace:
         always_on: bool = False,
         squared_norms: Tensor | None = None,
         valid: Tensor | None = None,
+        window: Any = None,
     ) -> None:
-        """Report one group of neurons (values ``[B, n]``, tangents ``[K, B, n]``).
+        """Report one group of neurons (values ``[B, n]``, tangents ``[K, B, n]``, or a ``window``).
 
         ``valid`` ``[B, n]`` bool marks the elements that are neurons; the others get zero
         tangents and squared norms (they constrain nothing) and a constant pattern entry.
@@ -394,6 +423,7 @@ class Trace:
             always_on=always_on,
             squared_norms=squared_norms,
             valid=valid,
+            window=window,
         )
         self.num_groups += 1
         self.observer.neurons(group)

@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rollnet.engine import window
 from rollnet.engine.gram import GramTangent, GramUnsupported
 from rollnet.engine.rules.batch import (
     BATCH_FIRST_ELEMENTWISE,
@@ -179,7 +180,8 @@ def _kinked(
     _check_input(trace, name, x)
     if in_place:
         _check_in_place(trace, name, x)
-    t = trace.tangent(x)
+    box = trace.window(x)
+    t = box if box is not None and trace.validity(x) is None else trace.tangent(x)
     # an in-place op overwrites x: keep its values (and their graph, for the regulariser's
     # hinge) in a copy taken first
     z = x.clone() if in_place else x
@@ -196,7 +198,7 @@ def _kinked(
             d = z - _numeric(k, z)
         values.append((d if d.shape == shape else d.expand(shape)).reshape(b, n))
     on = [v.detach() > 0 for v in values]
-    like = t if isinstance(t, Tensor) else z
+    like = t if isinstance(t, Tensor) else t.data if isinstance(t, window.WindowTangent) else z
     s = slope([o.reshape(shape) for o in on], like)
     marked = trace.validity(x)  # elements that are neurons (padded steps are not), see neuron_mask
     valid = None if marked is None else torch.broadcast_to(marked, shape).reshape(b, n)
@@ -208,6 +210,13 @@ def _kinked(
             trace.emit(group, v, None, o, squared_norms=squared, valid=valid)
         trace.track(result, t.scaled(s.expand(shape)))
         return result
+    if isinstance(t, window.WindowTangent) and t.shape[1:] == shape:
+        for (group, _), v, o in zip(kinks, values, on, strict=True):
+            trace.emit(group, v, None, o, window=t)
+        trace.track(result, window.scale(t, s.expand(shape)))
+        return result
+    if isinstance(t, window.WindowTangent):
+        t = t.dense()
     tangents = None if t is None else _flat(_raw(t, shape, t.dtype), b, n)
     for (group, _), v, o in zip(kinks, values, on, strict=True):
         trace.emit(group, v, tangents, o, valid=valid)

@@ -14,17 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rollnet.engine import tangents
+from rollnet.engine import tangents, window
 from rollnet.engine.rules.batch import ELEMENTWISE, LINEAR_PROBE, MATRIX_PRODUCT, Layer
 from rollnet.engine.rules.common import (
     broadcast_tangent,
     check_float,
     per_sample,
+    substitute,
     tracked_tensors,
     vmapped,
 )
 from rollnet.engine.rules.registry import register
-from rollnet.engine.tracing import Trace, op_name
+from rollnet.engine.tracing import Trace, iter_values, op_name
 
 __all__ = [
     "FirstLayer",
@@ -68,8 +69,8 @@ def add(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs: d
     sign = _ADD[func]
     # r-variants: func(a, b) computes b - alpha * a
     coef_a, coef_b = (-float(alpha), 1.0) if sign == "r" else (1.0, float(sign) * float(alpha))
-    ta = trace.tangent(a) if trace.is_tracked(a) else None
-    tb = trace.tangent(b) if isinstance(b, Tensor) and trace.is_tracked(b) else None
+    ta = trace.boxed_tangent(a) if trace.is_tracked(a) else None
+    tb = trace.boxed_tangent(b) if isinstance(b, Tensor) and trace.is_tracked(b) else None
     in_place = func in (torch.Tensor.__iadd__, torch.Tensor.add_, torch.Tensor.__isub__, torch.Tensor.sub_)
     if in_place and isinstance(a, Tensor) and a._base is not None and trace.is_tracked(a._base):
         raise trace.refuse(op_name(func), "in-place update of a view of an input-dependent tensor")
@@ -79,8 +80,12 @@ def add(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs: d
         trace.track(result, None)
         return result
     shape = result.shape
-    ta = None if ta is None else broadcast_tangent(ta, shape)
-    tb = None if tb is None else broadcast_tangent(tb, shape)
+    boxed = _add_windows(ta, coef_a, tb, coef_b, shape)
+    if boxed is not None:
+        trace.track(result, boxed)
+        return result
+    ta = None if ta is None else broadcast_tangent(_dense(ta), shape)
+    tb = None if tb is None else broadcast_tangent(_dense(tb), shape)
     if ta is not None and tb is not None:
         tangent = coef_a * ta + coef_b * tb if (coef_a, coef_b) != (1.0, 1.0) else ta + tb
     elif ta is not None:
@@ -91,6 +96,22 @@ def add(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs: d
     trace.track(result, tangent)
     return result
 
+
+
+def _dense(t: Any) -> Any:
+    return t.dense() if isinstance(t, window.WindowTangent) else t
+
+
+def _add_windows(ta: Any, ca: float, tb: Any, cb: float, shape: torch.Size) -> Any:
+    """``ca * ta + cb * tb`` kept as a window, when the tangents are windows of the result's map
+    (or one is absent: a constant added); ``None`` when the sum needs dense tangents."""
+    parts = [(t, c) for t, c in ((ta, ca), (tb, cb)) if t is not None]
+    if not all(isinstance(t, window.WindowTangent) and t.shape[1:] == shape for t, _ in parts):
+        return None
+    if len(parts) == 1:
+        (t, c), = parts
+        return t if c == 1.0 else window.scale(t, c)
+    return window.add(ta, ca, tb, cb)
 
 
 # ---------------------------------------------------------------------------
@@ -104,6 +125,7 @@ _ELEMENTWISE_SCALE = [
 ]
 # Contractions (matrix products, einsum): they may sum over the batch dimension, so the batch
 # dimension of the result is measured.
+_ELEMENTWISE = set(_ELEMENTWISE_SCALE)
 _MATRIX_PRODUCTS = [
     torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm,
     torch.bmm, torch.Tensor.bmm, torch.mv, torch.Tensor.mv,
@@ -138,20 +160,21 @@ def scale(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs:
         raise trace.refuse(name, "in-place update of a view of an input-dependent tensor")
     plain = _OUT_OF_PLACE.get(func, func)
     result = func(*args, **kwargs)
+    box = trace.window(x)
+    if box is not None and func in _ELEMENTWISE and result.shape == x.shape:
+        # elementwise: the constant, cut to the box, broadcasts against [K, B, C, *box]
+        cut = {id(v): window.crop(v, box) for v in iter_values((*args, *kwargs.values())) if isinstance(v, Tensor)}
+        cut[id(x)] = box.data
+        out = plain(*substitute(args, cut), **{k: substitute(v, cut) for k, v in kwargs.items()})
+        trace.track(result, window.settle(out, box.start, box.full))
+        return result
     t = trace.tangent(x)
     if t is None:
         trace.track(result, None)
         return result
 
-    def substitute(value: Any, current: Tensor) -> Any:
-        if value is x:
-            return current
-        if isinstance(value, (list, tuple)):
-            return type(value)(substitute(v, current) for v in value)
-        return value
-
     def fn(current: Tensor) -> Any:
-        return plain(*substitute(args, current), **kwargs)
+        return plain(*substitute(args, {id(x): current}), **kwargs)
 
     trace.track(result, vmapped(fn, t))
     return result
@@ -277,6 +300,10 @@ def conv(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs: 
             f"module '{trace.module_path}' rejected inputs of per-example shape "
             f"{tuple(x.shape[1:])}: {err}"
         ) from err
+    box = trace.window(x)
+    if box is not None and func in _SLIDING:
+        trace.track(result, _conv_window(box, func, weight, args, kwargs, result))
+        return result
     t = trace.tangent(x)
     if t is None:
         trace.track(result, None)
@@ -290,6 +317,37 @@ def conv(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwargs: 
     kw.pop("weight", None)
     trace.track(result, per_sample(lambda u: func(u, weight, *rest, **kw), t))
     return result
+
+
+_SLIDING = {F.conv1d, F.conv2d, F.conv3d}
+
+
+def _per_dim(value: Any, rank: int) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, (tuple, list)) else [int(value)] * rank
+
+
+def _conv_window(
+    box: window.WindowTangent, func: Callable[..., Any], weight: Tensor, args: tuple[Any, ...],
+    kwargs: dict[str, Any], result: Tensor,
+) -> Any:
+    """A convolution of a windowed tangent (:mod:`rollnet.engine.window`): on the box alone."""
+    names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+    bound = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, **dict(zip(names, args, strict=False)), **kwargs}
+    rank = weight.dim() - 2
+    kernel = list(weight.shape[2:])
+    stride, dilation = _per_dim(bound["stride"], rank), _per_dim(bound["dilation"], rank)
+    padding = bound["padding"]
+    if padding == "valid":
+        left = [0] * rank
+    elif padding == "same":  # torch pads the odd element at the end
+        left = [d * (k - 1) // 2 for d, k in zip(dilation, kernel, strict=True)]
+    else:
+        left = _per_dim(padding, rank)
+    groups = int(bound["groups"])
+    return window.conv(
+        box, lambda u: func(u, weight, None, stride, 0, dilation, groups), kernel, stride, left, dilation,
+        list(result.shape[2:]),
+    )
 
 
 @register(F.batch_norm, batch=Layer(2, at_least=True, layout="[B, C, ...]"), gram=True)
@@ -325,7 +383,7 @@ def batch_norm(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kw
     if bound["weight"] is not None:
         factor = factor * bound["weight"]
     per_channel = factor.reshape([1, -1] + [1] * (x.dim() - 2))
-    trace.track(result, tangents.scale(trace.tangent(x), per_channel, per_feature=per_channel.squeeze(0)))
+    trace.track(result, tangents.scale(trace.boxed_tangent(x), per_channel, per_feature=per_channel.squeeze(0)))
     return result
 
 
@@ -343,6 +401,12 @@ def average_pool(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], 
     if func in (F.interpolate, F.upsample) and mode not in ("nearest", "linear", "bilinear", "trilinear", "area", "nearest-exact"):
         raise trace.refuse(op_name(func), f"interpolation mode {mode!r} is not linear")
     result = func(*args, **kwargs)
+    box = trace.window(x)
+    if box is not None and func in _AVERAGES:
+        windowed = _pool_window(box, func, args, kwargs, result)
+        if windowed is not None:
+            trace.track(result, windowed)
+            return result
     t = trace.tangent(x)
     if t is None:
         trace.track(result, None)
@@ -351,6 +415,29 @@ def average_pool(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], 
     kw = {k: v for k, v in kwargs.items() if k != "input"}
     trace.track(result, per_sample(lambda u: func(u, *rest, **kw), t))
     return result
+
+
+_AVERAGES = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
+
+
+def _pool_window(
+    box: window.WindowTangent, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+    result: Tensor,
+) -> Any:
+    """An average pool of a windowed tangent, when its divisor is the kernel's size everywhere
+    (``count_include_pad``, no ``ceil_mode``, no ``divisor_override``); ``None`` otherwise."""
+    names = ["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"]
+    bound = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True, "divisor_override": None,
+             **dict(zip(names, args, strict=False)), **kwargs}
+    if bound["ceil_mode"] or not bound["count_include_pad"] or bound["divisor_override"] is not None:
+        return None
+    rank = _AVERAGES[func]
+    kernel = _per_dim(bound["kernel_size"], rank)
+    stride = kernel if bound["stride"] in (None, [], ()) else _per_dim(bound["stride"], rank)
+    padding = _per_dim(bound["padding"], rank)
+    return window.conv(
+        box, lambda u: func(u, kernel, stride, 0), kernel, stride, padding, [1] * rank, list(result.shape[2:])
+    )
 
 
 for _spatial, _funcs in _POOLS.items():
@@ -365,7 +452,7 @@ def dropout(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwarg
     if "train" in kwargs:  # torch.dropout(input, p, train)
         bound["training"] = kwargs["train"]
     x = bound["input"]
-    t = trace.tangent(x)
+    t = trace.boxed_tangent(x)
     if not bound["training"] or bound["p"] == 0:
         trace.track(x, t)
         return x

@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import Tensor
 
-from rollnet.engine.gram import GramTangent, GramUnsupported
+from rollnet.engine.gram import GramUnsupported
 from rollnet.engine.rules.batch import BatchRole, Call
 from rollnet.engine.rules.common import result_tensors
 from rollnet.engine.tracing import Trace, iter_values, op_name
@@ -152,7 +152,7 @@ def dispatch(trace: Trace, func: Callable[..., Any], args: tuple[Any, ...], kwar
     entry = (MASK_RULES if reads_mask else RULES).get(func)
     if entry is None:
         return _without_rule(trace, func, args, kwargs, name, reads_mask)
-    if not entry.gram and any(isinstance(trace.tangent(t), GramTangent) for t in tracked):
+    if not entry.gram and any(trace.is_gram(t) for t in tracked):
         raise GramUnsupported(op_name(func))
     call = Call(op_name(func), func, args, kwargs, tracked, [trace.batch_dim(t) for t in tracked])
     entry.batch.check_inputs(trace, call)
