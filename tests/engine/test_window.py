@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 import rollnet
 from rollnet.engine import window
-from rollnet.engine.gradients import Request, collect, unit_directions
+from rollnet.engine.gradients import Request, _plan_tiles, collect, unit_directions
 
 REQUEST = Request(norms=(1.0, 2.0, math.inf), crossings=True, output=True)
 
@@ -188,3 +188,15 @@ def test_rows_and_gradients_unchanged_in_input_order() -> None:
     torch.testing.assert_close(tiled.rows, dense.rows, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(tiled.output_rows, dense.output_rows, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(tiled.cross_plus, dense.cross_plus, rtol=1e-12, atol=0)
+
+
+def test_tiled_axes_give_dense_unit_vectors_off_the_tile_boundaries() -> None:
+    x = torch.zeros(2, 2, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        tiled = _plan_tiles(unit_directions(x.shape[1:]), x, 8, 1 << 20)
+    assert tiled is not None and len(tiled.boxes) > 1
+    k1 = tiled.bounds(0)[0][1]
+    boxed, unit = tiled.chunk(0, k1, x, 0)
+    assert isinstance(boxed, window.WindowTangent) and torch.equal(unit, tiled.indices[:k1])
+    dense, _ = tiled.chunk(0, 1, x, 0)  # (the planner's probe: one direction)
+    assert isinstance(dense, Tensor) and torch.equal(dense, boxed.dense()[:1])

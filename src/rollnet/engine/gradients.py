@@ -147,15 +147,16 @@ class TiledAxes(Directions):
         return out
 
     def chunk(self, start: int, stop: int, x: Tensor, b0: int) -> tuple[Any, Tensor | None]:
+        """A whole tile: its window; any other range of directions: dense unit vectors."""
         assert self.indices is not None
         k0 = 0
         for box_start, size in self.boxes:
-            if k0 == start:
+            k1 = k0 + self.channels * math.prod(size)
+            if (k0, k1) == (start, stop):
                 tangent = window.one_hot_tile(box_start, size, self.channels, self.spatial, x.shape[0], x)
-                assert stop == k0 + self.channels * math.prod(size)
                 return tangent, self.indices[start:stop].to(x.device)
-            k0 += self.channels * math.prod(size)
-        raise ValueError(f"no tile starts at direction {start}")
+            k0 = k1
+        return super().chunk(start, stop, x, b0)
 
 
 def unit_directions(input_shape: torch.Size | tuple[int, ...]) -> Directions:
