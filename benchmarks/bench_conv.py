@@ -1,6 +1,6 @@
 """Issue 16: certificates and ROLL training at image scale on conv nets (ResNet-18 layouts).
 
-Run: .venv/bin/python benchmarks/bench_conv.py [--goals 1,2,3,4] [--quick] [--device cuda]
+Run: .venv/bin/python benchmarks/bench_conv.py [--goals 0,1,2,3,4] [--quick] [--device cuda]
      [--images 2] [--size 64] [--large-size 224] [--fraction-directions 1536] [--epoch-batches 20]
 
 Each goal prints one table, measured in this run (about 12 minutes on 2 CPU cores; ``--quick``
@@ -73,7 +73,7 @@ from rollnet.engine.gradients import (
     resolve_memory_budget,
     unit_directions,
 )
-from rollnet.engine.window import tile_axes
+from rollnet.engine.window import _span, tile_axes
 from rollnet.models import resnet18
 
 # configs/fashion_resnet_roll_approx.json
@@ -284,6 +284,70 @@ def goal_exact(args: argparse.Namespace, device: torch.device) -> None:
     print(f"check: float32 vs float64 (margin on a float64 copy, {t_f64 / n_images:.1f} s per image): "
           f"ours max relative difference {f64_diff:.1e}, baseline {f64_base:.1e}\n")
     assert diff_both < 1e-3 and diff_l2 < 1e-3, (diff_both, diff_l2)
+
+
+# --- locality, from the layer shapes ---------------------------------------------------------
+
+def _through(boxes: list[tuple[int, int]], n_in: int, k: int, stride: int, pad: int) -> tuple[list[tuple[int, int]], int]:
+    """Each tile's box ``(start, size)`` along one dimension after a k-tap window (stride, padding)."""
+    n_out = (n_in + 2 * pad - k) // stride + 1
+    out = []
+    for a, h in boxes:
+        lo, left, right, _ = _span(a, h, k, stride, pad, 1, n_out)
+        out.append((lo, (h + left + right - k) // stride + 1))
+    return out, n_out
+
+
+def locality_share(net: nn.Module, size: int, tile: int) -> float:
+    """The share of the dense pass's convolution FLOPs that tiled passes compute, from the layer
+    shapes alone: every tile's box through the ResNet's stem, pool and blocks (one spatial
+    dimension; tiles form a grid, so the 2-D share of a layer is the square of its mean 1-D share)."""
+    boxes = [(a, min(tile, size - a)) for a in range(0, size, tile)]
+    dense = boxed = 0.0
+
+    def conv(bx: list[tuple[int, int]], n: int, m: nn.Conv2d) -> tuple[list[tuple[int, int]], int]:
+        nonlocal dense, boxed
+        out, n_out = _through(bx, n, m.kernel_size[0], m.stride[0], int(m.padding[0]))
+        per_position = m.out_channels * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+        share = statistics.fmean(h for _, h in out) / n_out
+        dense += per_position * n_out**2
+        boxed += per_position * n_out**2 * min(1.0, share) ** 2
+        return out, n_out
+
+    stem, pool = net.stem[0], net.stem[3]
+    bx, n = conv(boxes, size, stem)
+    bx, n = _through(bx, n, pool.kernel_size, pool.stride, pool.padding)
+    for stage in net.stages:
+        for block in stage:
+            inner, n1 = conv(bx, n, block.conv1)
+            inner, n1 = conv(inner, n1, block.conv2)
+            if isinstance(block.shortcut, nn.Sequential):
+                short, _ = conv(bx, n, block.shortcut[0])
+            else:
+                short = bx
+            bx = [(min(a, b), max(a + h, b + g) - min(a, b)) for (a, h), (b, g) in zip(inner, short, strict=True)]
+            n = n1
+    return boxed / dense
+
+
+def goal_locality(args: argparse.Namespace, device: torch.device) -> None:
+    net = imagenet_resnet()
+    rows = []
+    for size in (64, 112, 224):
+        x = torch.zeros(1, 3, size, size)
+        with torch.no_grad():
+            _, kc = plan_chunks(net, x, unit_directions(x.shape[1:]))
+            tiling = _plan_tiles(unit_directions(x.shape[1:]), x, kc, resolve_memory_budget(None, x.device))
+        assert tiling is not None
+        side = tiling.boxes[0][1][0]
+        share = locality_share(net, size, side)
+        rows.append([f"3x{size}x{size}", f"{side}x{side} pixels ({3 * side * side} axes)", f"{share:.1%}",
+                     f"{1 / share:.2f}x"])
+    print(table(
+        "Locality from the layer shapes: share of the dense pass's convolution FLOPs the tiled passes "
+        "compute (ResNet-18 layout; the tiles margin() uses by default)",
+        ["input", "tile", "conv FLOPs computed", "FLOP saving (dense / tiled)"], rows,
+    ))
 
 
 # --- goal 2 --------------------------------------------------------------------------------
@@ -497,7 +561,8 @@ def goal_epoch(args: argparse.Namespace, device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_device_argument(parser)
-    parser.add_argument("--goals", default="1,2,3,4", help="comma-separated goals to run (default 1,2,3,4)")
+    parser.add_argument("--goals", default="0,1,2,3,4",
+                        help="comma-separated goals to run (default 0,1,2,3,4; 0: locality from the layer shapes)")
     parser.add_argument("--quick", action="store_true", help="fewer images, axes, rounds and batches")
     parser.add_argument("--images", type=int, default=None, help="goal 1: images (default 2, --quick 1)")
     parser.add_argument("--size", type=int, default=64, help="goal 1: image side (default 64)")
@@ -510,7 +575,7 @@ def main() -> None:
     goals = {int(g) for g in args.goals.split(",") if g.strip()}
     print(f"machine: {machine()}\n")
     started = time.perf_counter()
-    for goal, run in ((1, goal_exact), (2, goal_large), (3, goal_training), (4, goal_epoch)):
+    for goal, run in ((0, goal_locality), (1, goal_exact), (2, goal_large), (3, goal_training), (4, goal_epoch)):
         if goal in goals:
             t = time.perf_counter()
             run(args, device)
