@@ -535,3 +535,13 @@ def test_box_widened_for_rounding_of_normalised_data() -> None:
         inside(x, w.x, 0.2, p, None)
     with pytest.raises(ValueError, match="outside the clamp box"):
         gradient_distortion(mlp(0), x - 1e-3, 0, 0.1, clamp=(lo, hi), n_samples=5)
+
+
+def test_rounding_level_differences_are_not_distortion_but_real_ones_are() -> None:
+    from rollnet.evaluate.scoring import _distance
+
+    ref = torch.tensor([[0.1, -0.2, 0.3]])
+    noisy = ref + torch.tensor([[1.5e-9, 0.0, -3e-9]])  # a few ulps of the largest entry
+    assert _distance(noisy, ref).tolist() == [0.0]
+    moved = ref + torch.tensor([[1e-4, 0.0, 0.0]])
+    assert _distance(moved, ref).item() == pytest.approx(1e-4, rel=1e-3)

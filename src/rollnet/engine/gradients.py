@@ -534,8 +534,8 @@ def collect(
         forward_args: further arguments, ``model(x, *forward_args)`` (Captum's
             ``additional_forward_args``): never perturbed; tensors with one entry per
             example are cut with the batch chunks.
-        locality: when the directions are all the axes of a feature-map input and no
-            gradient is recorded, take them tile by tile and keep each pass's tangents in
+        locality: when the directions are all the axes of a feature-map input, no
+            gradient is recorded and neither ``rows`` nor ``output`` is asked, take them tile by tile and keep each pass's tangents in
             the box they can reach (:mod:`rollnet.engine.window`); ``False`` pushes dense
             tangents (the same numbers, up to the order of sums).
     """
@@ -563,7 +563,10 @@ def collect(
     # CPU chunks hold at most the working set each: hand memory back once a budget's worth passed
     trim = directions is not None and (bc < b or kc < k_total) and x.device.type == "cpu"
     trim_every, passes, peak = max(1, budget // _chunk_bytes(budget, x.device)), 0, 0
-    tiled = _plan_tiles(directions, x, kc, budget) if locality else None
+    # Gradients (rows, the output's Jacobian) stay on dense passes: every point then gets them from
+    # the same arithmetic, so points of one region get bit-identical gradients, which a tile's box
+    # (a convolution over a different extent) would change in the last bits.
+    tiled = _plan_tiles(directions, x, kc, budget) if locality and not (request.rows or request.output) else None
     if tiled is not None:
         directions = tiled
     for b0 in range(0, max(b, 1), bc):  # (an empty batch: one empty chunk)
@@ -623,16 +626,12 @@ def _plan_tiles(directions: Directions | None, x: Tensor, kc: int, budget: int) 
 
 
 def _in_axis_order(result: Collected, tiled: TiledAxes) -> None:
-    """Put the per-direction results of a tiled pass back in the order of the input axes."""
+    """Put the per-direction results of a tiled pass (the crossings) back in the order of the input axes."""
     assert tiled.indices is not None
     inverse = torch.argsort(tiled.indices).to(result.values.device)
     if result.cross_plus is not None and result.cross_minus is not None:
         result.cross_plus = result.cross_plus[:, inverse]
         result.cross_minus = result.cross_minus[:, inverse]
-    if result.rows is not None:
-        result.rows = result.rows[..., inverse]
-    if result.output_rows is not None:
-        result.output_rows = result.output_rows[..., inverse]
 
 
 def _collect_gram(
