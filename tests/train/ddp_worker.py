@@ -105,6 +105,10 @@ def _grads() -> int:
         dist.all_reduce(total)
         assert torch.allclose(p.grad, total / size, atol=1e-6), "the gradients were not all-reduced"
         assert not torch.allclose(mine, total / size), "the shards' gradients should differ"
+    # DDP's reducer holds the process group: drop it first, or its destructor runs at exit after
+    # the group is gone and gloo aborts ("terminate called without an active exception", seen once)
+    del ddp, roll
+    dist.barrier()
     dist.destroy_process_group()
     say(f"rank {rank}: gradients all-reduced")
     return 0
@@ -112,4 +116,9 @@ def _grads() -> int:
 
 if __name__ == "__main__":
     what, *rest = sys.argv[1:]
-    sys.exit(_train(rest) if what == "train" else _grads())
+    code = _train(rest) if what == "train" else _grads()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # skip the interpreter's teardown: gloo threads torn down there abort now and then
+    # ("terminate called without an active exception", SIGABRT after both ranks had finished)
+    os._exit(code)
