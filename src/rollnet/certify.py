@@ -382,7 +382,7 @@ def margin(
         >>> l2, linf = rollnet.margin(net, torch.tensor([[2.0]]), p=(2, "inf"))  # one pass
     """
     several = isinstance(p, (tuple, list))
-    norms = [parse_norm(v) for v in p] if isinstance(p, (tuple, list)) else [parse_norm(p)]
+    norms = [parse_norm(v) for v in (p if isinstance(p, (tuple, list)) else [p])]
     if not norms:
         raise ValueError("p must name at least one norm (1, 2 or inf)")
     duals = [_DUAL[v] for v in norms]

@@ -149,13 +149,10 @@ class TiledAxes(Directions):
     def chunk(self, start: int, stop: int, x: Tensor, b0: int) -> tuple[Any, Tensor | None]:
         """A whole tile: its window; any other range of directions: dense unit vectors."""
         assert self.indices is not None
-        k0 = 0
-        for box_start, size in self.boxes:
-            k1 = k0 + self.channels * math.prod(size)
+        for (k0, k1), (box_start, size) in zip(self.bounds(0), self.boxes, strict=True):
             if (k0, k1) == (start, stop):
                 tangent = window.one_hot_tile(box_start, size, self.channels, self.spatial, x.shape[0], x)
                 return tangent, self.indices[start:stop].to(x.device)
-            k0 = k1
         return super().chunk(start, stop, x, b0)
 
 
@@ -251,10 +248,11 @@ def _reduce_over_directions(t: Tensor, q: float) -> Tensor:
     return t.abs().amax(0)
 
 
-def _crossings(group: NeuronGroup, t: Tensor, signs: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``[K, B]`` distance along +d_k and -d_k before a neuron of ``group`` flips."""
-    absz = group.values.detach().abs()
-    s = group.signs() if signs is None else signs
+def _crossings(values: Tensor, signs: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """``[K, B]`` distance along +d_k and -d_k before one of the neurons ``values`` ``[B, n]``
+    (on/off ``signs`` ``[B, n]``, tangents ``t`` ``[K, B, n]``) flips."""
+    absz = values.detach().abs()
+    s = signs
     prod = t.detach() * s
     inf = torch.tensor(math.inf, dtype=t.dtype, device=t.device)
     plus = torch.where(prod < 0, absz / (-prod), inf)
@@ -329,7 +327,7 @@ class _ChunkObserver:
             else:
                 self.sq[i] = self.sq[i] + part
         if req.crossings:
-            p, m = _crossings(group, t)
+            p, m = _crossings(group.values, group.signs(), t)
             self._min_into(p, m)
         if req.rows:
             block = t.detach().permute(1, 2, 0)  # [B, n, k]
@@ -353,14 +351,13 @@ class _ChunkObserver:
             else:
                 into += part
         if self.request.crossings:
-            shape = (group.values.shape[0], data.shape[2], *w.full)
-            values = group.values.detach().reshape(shape)[w.slices()]
-            signs = group.signs().reshape(shape)[w.slices()]
             k, b = data.shape[0], data.shape[1]
-            boxed = NeuronGroup(i, group.module_path, group.op, values.reshape(b, -1), None,
-                                group.pattern, group.always_on)
-            boxed_signs = signs.reshape(b, -1)
-            p, m = _crossings(boxed, data.reshape(k, b, -1), signs=boxed_signs)
+            shape = (b, data.shape[2], *w.full)
+
+            def boxed(t: Tensor) -> Tensor:
+                return t.reshape(shape)[w.slices()].reshape(b, -1)
+
+            p, m = _crossings(boxed(group.values), boxed(group.signs()), data.reshape(k, b, -1))
             self._min_into(p, m)
 
     def _accumulate_squared(self, squared: Tensor) -> None:

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from rollnet.engine.gram import GramTangent
 from rollnet.errors import UnsupportedOperationError
 
 __all__ = [
@@ -239,7 +240,7 @@ class Trace:
         t = None if entry is None else entry[1]
         if isinstance(t, MaskedTangent):
             t.value()  # (as reading the tangent does)
-        return type(t).__name__ == "GramTangent"
+        return isinstance(t, GramTangent)
 
     def masked(self, value: Tensor) -> MaskedTangent | None:
         """The pending ``raw * mask`` of a tracked tensor whose product nobody has formed yet."""
